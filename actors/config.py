@@ -1,0 +1,58 @@
+"""Typed options consumed inside Ray workers (model building and the training loop).
+
+The entry-point configs in ``cluster.config`` compose these; they live here because the worker
+code that reads them must not import ``cluster`` (imports only go leftwards).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors (a typo must not be ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelOptions(Strict):
+    """Which model to fine-tune and how to build it."""
+
+    name_or_path: str = Field(description="HF model name, local directory, or a bundle")
+    init: Literal["pretrained", "random"] = Field(
+        default="pretrained",
+        description="'random' builds the architecture from its config with fresh weights",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto = bf16 on GPUs that support it, fp32 on CPU"
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto", description="auto = flash_attention_2 with CUDA + flash_attn, else sdpa"
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="run code shipped with the model (off unless you trust it)"
+    )
+    tokenizer: str | None = Field(default=None, description="tokenizer path when not the model's")
+
+
+class OptimOptions(Strict):
+    """Optimisation and schedule of the training loop."""
+
+    epochs: int = Field(default=3, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="micro-batch size per worker")
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step")
+    lr: float = Field(default=5e-5, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1, description="log a progress line every N steps")
+    select_metric: str | None = Field(
+        default=None,
+        description="export the epoch with the best value of this metric (e.g. accuracy); "
+        "None exports the last epoch",
+    )
+    eval_batch_size: int = Field(default=64, ge=1)

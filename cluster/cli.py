@@ -1,0 +1,355 @@
+"""The ``taskray`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART_CONFIG = PROJECT_ROOT / "configs" / "classification-minilm.yaml"
+QUICKSTART_TEST = PROJECT_ROOT / "data" / "sentiment" / "test.jsonl"
+QUICKSTART_SENTENCES = [
+    "Absolutely loved it: setup took two minutes and it has worked flawlessly since.",
+    "The strap snapped on the first day and support never answered my emails.",
+    "Not bad at all, the pasta was fresh and the staff were lovely.",
+    "I wanted to like this app, but it crashes every time I open the camera.",
+]
+
+
+class UserError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from actors.bundle import BundleError
+    from cluster.config import ConfigError
+    from cluster.data import DataError
+    from tasks import TaskError
+
+    return (UserError, ConfigError, DataError, TaskError, BundleError, FileNotFoundError)
+
+
+# ----- info ---------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    """Versions, devices, the attention backend and dtype a model would get, the Ray address."""
+    from importlib import metadata
+
+    import torch
+
+    from actors.modeling import choose_attention, choose_dtype
+    from cluster.runtime import ray_address
+
+    versions = {}
+    for name in ("taskray", "ray", "torch", "transformers", "peft", "timm", "qdrant-client"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    devices = ["cpu"] + [
+        f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())
+    ]
+    attn, reason = choose_attention("auto")
+    info = {
+        "versions": versions,
+        "devices": devices,
+        "attention": attn,
+        "attention_reason": reason,
+        "dtype": str(choose_dtype("auto")).replace("torch.", ""),
+        "ray_address": ray_address(args.address) or "local (a new instance on this machine)",
+        "cpus": os.cpu_count(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for name, version in versions.items():
+        print(f"{name:<14} {version}")
+    print(f"{'devices':<14} {', '.join(devices)}")
+    print(f"{'attention':<14} {attn} ({reason})")
+    print(f"{'dtype':<14} {info['dtype']}")
+    print(f"{'ray address':<14} {info['ray_address']}")
+    return 0
+
+
+# ----- tasks --------------------------------------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """List the task families with their formulations and row schema."""
+    from tasks import TASKS
+
+    described = [cls.describe() for cls in TASKS.values()]
+    if args.json:
+        print(json.dumps(described, indent=2))
+        return 0
+    for d in described:
+        forms = ", ".join(f"{f} ({k})" for f, k in d["formulations"].items())
+        fields = ", ".join(
+            f"{n}{'' if s['required'] else '?'}: {s['type']}" for n, s in d["row_schema"].items()
+        )
+        print(f"{d['name']:<16} {d['description']}")
+        print(f"{'':<16} formulations: {forms}")
+        print(f"{'':<16} row: {{{fields}}}")
+    return 0
+
+
+# ----- train --------------------------------------------------------------------------------
+def _train_config(args: argparse.Namespace) -> Any:
+    from cluster.config import TrainConfig, apply_overrides, read_yaml, validate_config
+
+    data = read_yaml(args.config)
+    flags = {
+        "data.train": args.train,
+        "data.validation": args.validation,
+        "model.name_or_path": args.model,
+        "output_dir": args.output,
+        "scaling.workers": args.workers,
+        "training.epochs": args.epochs,
+        "ray.address": args.address,
+    }
+    overrides = list(args.overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return validate_config(TrainConfig, apply_overrides(data, overrides), source=args.config)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Preprocess, fine-tune and export a bundle."""
+    from cluster.train import run_training
+
+    cfg = _train_config(args)
+    outcome = run_training(cfg)
+    print(f"[taskray] bundle: {outcome.bundle}")
+    _print_metrics(outcome.metrics)
+    print(
+        f"[taskray] preprocess {outcome.seconds['preprocess']:.1f}s, "
+        f"train {outcome.seconds['train']:.1f}s"
+    )
+    return 0
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+    width = max((len(k) for k in metrics), default=6)
+    print(f"{'metric':<{width}}  value")
+    for key, value in metrics.items():
+        shown = f"{value:.4f}" if isinstance(value, float) and key != "count" else f"{value:g}"
+        print(f"{key:<{width}}  {shown}")
+
+
+# ----- evaluate -----------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """A bundle's task metrics on a labelled file."""
+    from cluster.evaluate import evaluate_bundle
+
+    try:
+        report = evaluate_bundle(args.bundle, args.data, batch_size=args.batch_size)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"task {report['task']}, {report['rows']} rows ({len(report['rejected'])} rejected)")
+    _print_metrics(report["metrics"])
+    return 0
+
+
+# ----- serve --------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Deploy a Serve config; foreground by default, ``--detach`` to return, ``--stop``."""
+    from cluster import serving
+
+    if args.stop:
+        if serving.stop_detached():
+            print("[taskray] Serve shut down on the running cluster")
+            return 0
+        raise UserError("no running Ray cluster found to stop Serve on")
+    if not args.config:
+        raise UserError("give a serve config file (e.g. configs/serve.yaml) or --stop")
+    config = serving.load_serve_config(args.config, port=args.port)
+    url = serving.base_url(config)
+    if args.detach:
+        serving.ensure_cluster(args.num_cpus)
+    else:
+        import ray
+
+        from cluster.runtime import connect
+
+        connect(args.address, args.num_cpus)
+        _ = ray
+    serving.deploy(config)
+    seconds = serving.wait_ready(url, timeout_s=args.timeout)
+    print(f"[taskray] serving at {url} (ready in {seconds:.1f}s); OpenAPI at {url}/docs")
+    if args.detach:
+        print("[taskray] detached; stop with `taskray serve --stop`")
+        return 0
+    print("[taskray] Ctrl-C to stop")
+    from ray import serve
+
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("\n[taskray] shutting down")
+    finally:
+        serve.shutdown()
+    return 0
+
+
+# ----- quickstart ---------------------------------------------------------------------------
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Train → evaluate → serve → query, on the sentiment data that ships with taskray."""
+    import yaml
+
+    from cluster import serving
+    from cluster.config import TrainConfig, read_yaml, validate_config
+    from cluster.evaluate import evaluate_bundle
+    from cluster.train import run_training
+    from serve.client import Client
+
+    times: dict[str, float] = {}
+    t_all = time.perf_counter()
+    data = read_yaml(QUICKSTART_CONFIG)
+    data["data"]["train"] = str(PROJECT_ROOT / data["data"]["train"])
+    data["output_dir"] = str(Path(args.output).resolve())
+    data["resume"] = False
+    cfg = validate_config(TrainConfig, data, source=str(QUICKSTART_CONFIG))
+
+    print(f"[taskray] 1/4 training {cfg.model.name_or_path} on {cfg.data.train}")
+    t = time.perf_counter()
+    outcome = run_training(cfg)
+    times["train (Ray Data + Ray Train)"] = time.perf_counter() - t
+
+    print(f"[taskray] 2/4 evaluating the bundle on held-out {QUICKSTART_TEST}")
+    t = time.perf_counter()
+    report = evaluate_bundle(outcome.bundle, str(QUICKSTART_TEST))
+    times["evaluate"] = time.perf_counter() - t
+    accuracy = report["metrics"]["accuracy"]
+
+    print("[taskray] 3/4 deploying the bundle on Ray Serve")
+    t = time.perf_counter()
+    serve_cfg = yaml.safe_load((PROJECT_ROOT / "configs" / "serve.yaml").read_text())
+    serve_cfg["applications"][0]["args"]["models"][0]["bundle"] = outcome.bundle
+    serve_cfg["applications"][0]["args"]["api_key_env"] = None
+    serve_file = Path(args.output).resolve() / "serve.yaml"
+    serve_file.write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
+    config = serving.load_serve_config(str(serve_file), port=args.port)
+    url = serving.base_url(config)
+    from ray import serve
+
+    try:
+        serving.deploy(config)
+        serving.wait_ready(url)
+        times["deploy on Ray Serve"] = time.perf_counter() - t
+
+        print(f"[taskray] 4/4 classifying new sentences through the Python client at {url}")
+        t = time.perf_counter()
+        with Client(url) as client:
+            predictions = client.classify(QUICKSTART_SENTENCES)
+        times["classify via client"] = time.perf_counter() - t
+    finally:
+        serve.shutdown()
+
+    print()
+    for sentence, pred in zip(QUICKSTART_SENTENCES, predictions, strict=True):
+        print(f"  {pred.label:<9} {pred.score:.3f}  {sentence}")
+    print()
+    print(
+        f"held-out accuracy: {accuracy:.3f} on {report['rows']} reviews never trained on "
+        f"(macro-F1 {report['metrics']['macro_f1']:.3f})"
+    )
+    times["total"] = time.perf_counter() - t_all
+    for stage, seconds in times.items():
+        print(f"  {stage:<30} {seconds:6.1f}s")
+    print(f"bundle: {outcome.bundle}")
+    if accuracy < args.min_accuracy:
+        print(f"taskray: error: accuracy {accuracy:.3f} < --min-accuracy {args.min_accuracy}")
+        return 1
+    return 0
+
+
+# ----- parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render the docs of every command)."""
+    parser = argparse.ArgumentParser(
+        prog="taskray",
+        description="Fine-tune and serve language models for every LLM task family on Ray.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("info", help="versions, devices, attention backend, Ray address")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("tasks", help="list task families, formulations and row schemas")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model from a YAML config",
+        description="Fine-tune with Ray Data + Ray Train; writes OUTPUT/bundle. Overrides are "
+        "key.path=value pairs, e.g. training.lr=3e-5 task.max_length=64.",
+    )
+    p.add_argument("config", help="training YAML (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key.path=value settings that override the file")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--train", help="training data file or folder (JSONL, Parquet, CSV)")
+    p.add_argument("--validation", help="validation file (default: split from --train)")
+    p.add_argument("--model", help="model name or local path")
+    p.add_argument("--output", help="run directory (bundle at OUTPUT/bundle)")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--epochs", type=int, help="training epochs")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="a bundle's task metrics on a labelled file")
+    p.add_argument("bundle", help="bundle directory (from taskray train)")
+    p.add_argument("--data", required=True, help="labelled JSONL, Parquet or CSV file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "serve",
+        help="deploy a Serve config and wait until it is ready",
+        description="Deploys the Ray Serve config (foreground like `serve run`; Ctrl-C stops).",
+    )
+    p.add_argument("config", nargs="?", help="Serve config YAML (e.g. configs/serve.yaml)")
+    p.add_argument("--port", type=int, help="HTTP port (overrides http_options.port)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
+    p.add_argument("--detach", action="store_true", help="deploy onto a running cluster, return")
+    p.add_argument("--stop", action="store_true", help="shut down a detached Serve app")
+    p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "quickstart",
+        help="train, evaluate, serve and query a sentiment classifier end to end",
+    )
+    p.add_argument("--output", default="runs/quickstart", help="run directory")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve")
+    p.add_argument("--min-accuracy", type=float, default=0.85, help="fail below this accuracy")
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``taskray`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("taskray: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"taskray: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

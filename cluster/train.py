@@ -1,0 +1,147 @@
+"""The Ray Train driver behind ``taskray train``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from actors.modeling import resolve_model_path
+from actors.train_loop import WorkerConfig, train_loop_per_worker
+from cluster.config import ConfigError, TrainConfig
+from cluster.data import prepare_datasets, resolve_paths
+from cluster.runtime import connect
+from tasks import get_task
+
+
+def check_model_source(name: str, tokenizer_path: str, trust_remote_code: bool) -> None:
+    """Fail before Ray starts when the model or tokenizer cannot be found."""
+    from actors.preprocess import load_tokenizer
+
+    try:
+        load_tokenizer(tokenizer_path, trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"model '{name}' could not be loaded from a local path or the HF cache ({first}); "
+            "pass an existing directory or a model name available offline"
+        ) from None
+
+
+class TrainingError(RuntimeError):
+    """Training did not produce a bundle; the message says why."""
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished run produced."""
+
+    bundle: str
+    metrics: dict[str, Any]
+    counts: dict[str, int]
+    seconds: dict[str, float]
+
+
+def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
+    """Preprocess with Ray Data, fine-tune with Ray Train, export the bundle to the run dir."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        for stale in ("ray", "metrics.jsonl"):
+            target = run_dir / stale
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    task = get_task(
+        cfg.task.name,
+        formulation=cfg.task.formulation,
+        max_length=cfg.task.max_length,
+        labels=cfg.task.labels,
+    )
+    tokenizer_path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
+    check_model_source(cfg.model.name_or_path, tokenizer_path, cfg.model.trust_remote_code)
+    resolve_paths(cfg.data.train, "train")
+    if cfg.data.validation:
+        resolve_paths(cfg.data.validation, "validation")
+    connect(cfg.ray.address, cfg.ray.num_cpus)
+    data = prepare_datasets(
+        task, cfg.data, tokenizer_path, run_dir, cfg.model.trust_remote_code, progress
+    )
+    t_data = time.perf_counter()
+
+    worker_cfg = WorkerConfig(
+        task=task.spec(),
+        model=cfg.model.model_copy(
+            update={"name_or_path": resolve_model_path(cfg.model.name_or_path)}
+        ),
+        base_model=cfg.model.name_or_path,
+        optim=cfg.training,
+        tokenizer_path=tokenizer_path,
+        train_rows=data.counts["train"],
+        run_dir=str(run_dir),
+        use_gpu=cfg.scaling.use_gpu,
+    )
+    select = cfg.training.select_metric
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=worker_cfg.model_dump(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name="train",
+            storage_path=str(run_dir / "ray"),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2,
+                checkpoint_score_attribute=f"eval_{select}" if select else None,
+                checkpoint_score_order="max",
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+        datasets={"train": data.train, "validation": data.validation},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    t_train = time.perf_counter()
+    if result.error is not None:
+        raise TrainingError(f"training failed: {result.error}")
+
+    checkpoint = result.checkpoint
+    if select:
+        # Ray raises when no reported metrics carry the attribute; keep the last then.
+        with contextlib.suppress(ValueError, RuntimeError):
+            checkpoint = result.get_best_checkpoint(f"eval_{select}", "max") or checkpoint
+    if checkpoint is None:
+        raise TrainingError("training finished without a checkpoint")
+    bundle = run_dir / "bundle"
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    with checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / "bundle", bundle)
+    manifest = json.loads((bundle / "taskray.json").read_text())
+    seconds = {
+        "preprocess": t_data - t0,
+        "train": t_train - t_data,
+        "total": time.perf_counter() - t0,
+    }
+    summary = {
+        "bundle": str(bundle),
+        "metrics": manifest.get("metrics", {}),
+        "epoch": manifest.get("epoch"),
+        "counts": data.counts,
+        "seconds": seconds,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return TrainOutcome(str(bundle), manifest.get("metrics", {}), data.counts, seconds)

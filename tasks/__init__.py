@@ -1,0 +1,35 @@
+"""Task families: row schemas, encodings, decodings and metrics. Pure Python, no Ray."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.base import IGNORE_INDEX, RowError, Task, TaskError
+from tasks.classification import ClassificationTask
+
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (ClassificationTask,)}
+"""Every task family by name."""
+
+
+def get_task(
+    name: str,
+    formulation: str | None = None,
+    max_length: int = 512,
+    labels: list[str] | None = None,
+    **_: Any,
+) -> Task:
+    """Build a task by family name; unknown names raise ``TaskError`` listing the known ones."""
+    try:
+        cls = TASKS[name]
+    except KeyError:
+        known = ", ".join(sorted(TASKS))
+        raise TaskError(f"unknown task '{name}' (known tasks: {known})") from None
+    return cls(formulation=formulation, max_length=max_length, labels=labels)
+
+
+def task_from_spec(spec: dict[str, Any]) -> Task:
+    """Rebuild a task from ``Task.spec()`` (as stored in a bundle's ``taskray.json``)."""
+    return get_task(**spec)
+
+
+__all__ = ["IGNORE_INDEX", "TASKS", "RowError", "Task", "TaskError", "get_task", "task_from_spec"]
