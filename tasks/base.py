@@ -14,6 +14,7 @@ Tokenizers are passed in (any ``transformers`` tokenizer), so this package stays
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
@@ -65,12 +66,15 @@ class Task(ABC):
     row_schema: ClassVar[type[BaseModel]]
     uses_label_set: ClassVar[bool] = False
     """Whether the task has a closed label set (taken from config or inferred from data)."""
+    options_schema: ClassVar[type[BaseModel] | None] = None
+    """Family-specific options (e.g. ``doc_stride``); unknown options are errors."""
 
     def __init__(
         self,
         formulation: str | None = None,
         max_length: int = 512,
         labels: Sequence[str] | None = None,
+        **options: Any,
     ) -> None:
         if formulation is None:
             formulation = next(iter(self.formulations))
@@ -83,9 +87,24 @@ class Task(ABC):
             raise TaskError(f"max_length must be at least 8, got {max_length}")
         self.formulation = formulation
         self.max_length = max_length
+        self.options = self._parse_options(options)
         self.labels: list[str] | None = None
         if labels is not None:
             self.set_labels(labels)
+
+    def _parse_options(self, options: dict[str, Any]) -> Any:
+        if self.options_schema is None:
+            if options:
+                raise TaskError(
+                    f"task '{self.name}' takes no options, got: {', '.join(sorted(options))}"
+                )
+            return None
+        try:
+            return self.options_schema.model_validate(options)
+        except ValidationError as err:
+            first = err.errors()[0]
+            loc = ".".join(str(p) for p in first.get("loc", ())) or "options"
+            raise TaskError(f"task '{self.name}' option {loc}: {first.get('msg')}") from None
 
     # ----- identity -------------------------------------------------------------------------
     @property
@@ -95,12 +114,15 @@ class Task(ABC):
 
     def spec(self) -> dict[str, Any]:
         """A JSON-able description from which ``tasks.get_task`` rebuilds this task."""
-        return {
+        spec: dict[str, Any] = {
             "name": self.name,
             "formulation": self.formulation,
             "max_length": self.max_length,
             "labels": self.labels,
         }
+        if self.options is not None:
+            spec["options"] = self.options.model_dump()
+        return spec
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -109,6 +131,7 @@ class Task(ABC):
         for fname, info in cls.row_schema.model_fields.items():
             ann = info.annotation
             type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+            type_name = re.sub(r"\b(?:tasks\.\w+\.)", "", type_name)
             fields[fname] = {"type": type_name, "required": info.is_required()}
         return {
             "name": cls.name,
@@ -164,8 +187,12 @@ class Task(ABC):
         return None
 
     # ----- encoding -------------------------------------------------------------------------
-    def encode_row(self, row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-        """Model features of one validated row; raise ``RowError`` when it cannot be encoded."""
+    def encode_row(self, row: dict[str, Any], tokenizer: Any) -> dict[str, Any] | list[dict]:
+        """Model features of one validated row; raise ``RowError`` when it cannot be encoded.
+
+        Most families return one feature dict; families that split a row (extractive QA's
+        doc-stride windows) return a list of them.
+        """
         raise NotImplementedError
 
     def encode_batch(self, rows: Sequence[dict[str, Any]], tokenizer: Any) -> list[Any]:
@@ -177,6 +204,10 @@ class Task(ABC):
             except RowError as err:
                 out.append(err)
         return out
+
+    def generation_prompt(self, row: dict[str, Any], tokenizer: Any = None) -> str:
+        """The text a generative model is given for ``row`` (generative families only)."""
+        raise NotImplementedError(f"task '{self.name}' is not generative")
 
     # ----- decoding and metrics -------------------------------------------------------------
     @abstractmethod

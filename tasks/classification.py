@@ -1,7 +1,9 @@
 """Text classification: ``text`` → one label of a closed set.
 
 Formulation ``encoder``: an encoder with a sequence-classification head over [CLS]; the loss is
-cross-entropy on the class id.
+cross-entropy on the class id. Formulation ``decoder``: a causal LM reads a prompt
+(``Text: … Label:``) and the loss falls only on the label's tokens (+ EOS); to predict, each
+label's token sequence is scored and the scores are normalised over the label set.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tasks.base import RowError, Task
+from tasks.lm import bos_prefix, encode_prompt_completion, eos_token_id
+
+
+class ClassificationOptions(BaseModel):
+    """Options of the decoder formulation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_template: str = Field(
+        default="Text: {text}\nLabel:", description="decoder prompt; the label follows it"
+    )
 
 
 class ClassificationRow(BaseModel):
@@ -55,9 +68,13 @@ class ClassificationTask(Task):
 
     name: ClassVar[str] = "classification"
     description: ClassVar[str] = "text → one label of a closed set (accuracy, macro-F1)"
-    formulations: ClassVar[dict[str, str]] = {"encoder": "sequence_classification"}
+    formulations: ClassVar[dict[str, str]] = {
+        "encoder": "sequence_classification",
+        "decoder": "causal_lm",
+    }
     row_schema: ClassVar[type[ClassificationRow]] = ClassificationRow
     uses_label_set: ClassVar[bool] = True
+    options_schema: ClassVar[type[BaseModel] | None] = ClassificationOptions
 
     text_field: ClassVar[str] = "text"
 
@@ -70,7 +87,34 @@ class ClassificationTask(Task):
             known = ", ".join(self.labels)
             raise RowError("label", f"unknown label {label!r} (known: {known})")
 
+    def prompt(self, row: dict[str, Any]) -> str:
+        """The decoder formulation's prompt for a row."""
+        return self.options.prompt_template.format(**row)
+
+    def label_continuation(self, label: str, tokenizer: Any) -> list[int]:
+        """The supervised tokens of a label in the decoder formulation (label + EOS)."""
+        ids = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+        return [*ids, eos_token_id(tokenizer)]
+
+    def scoring_inputs(self, row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+        """For the decoder formulation: the prompt ids and each label's continuation ids; the
+        model layer sums each continuation's token log-probs and passes them to ``decode``."""
+        prompt_ids = bos_prefix(tokenizer) + list(
+            tokenizer(self.prompt(row), add_special_tokens=False)["input_ids"]
+        )
+        longest = max(len(self.label_continuation(lb, tokenizer)) for lb in self.labels or [])
+        return {
+            "prompt_ids": prompt_ids[max(0, len(prompt_ids) - (self.max_length - longest)) :],
+            "continuations": [self.label_continuation(lb, tokenizer) for lb in self.labels or []],
+        }
+
     def encode_row(self, row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+        if self.model_kind == "causal_lm":
+            if "label" not in row:
+                raise RowError("label", "missing field (needed to train or evaluate)")
+            return encode_prompt_completion(
+                tokenizer, self.prompt(row), " " + row["label"], self.max_length, "label"
+            )
         enc = tokenizer(row[self.text_field], truncation=True, max_length=self.max_length)
         features = {k: list(v) for k, v in enc.items() if k in _FEATURE_KEYS}
         if "label" in row:
@@ -83,7 +127,11 @@ class ClassificationTask(Task):
         rows: Sequence[dict[str, Any]] | None = None,
         all_scores: bool = False,
     ) -> list[dict[str, Any]]:
-        """Logits ``[batch, num_labels]`` → ``{"label", "score"}`` (+ ``scores`` on request)."""
+        """Scores ``[batch, num_labels]`` → ``{"label", "score"}`` (+ ``scores`` on request).
+
+        For the encoder these are the head's logits; for the decoder, each label's summed token
+        log-probability. Either way a softmax over the label set gives the normalised score.
+        """
         if self.labels is None:
             raise RuntimeError("classification task has no label set")
         probs = softmax(np.asarray(outputs, dtype=np.float64))

@@ -92,10 +92,19 @@ def test_info_json():
     assert info["versions"]["ray"].startswith("2.60")
 
 
-def test_tasks_lists_classification():
-    done = taskray("tasks")
+def test_tasks_lists_every_family():
+    from tasks import TASKS
+
+    done = taskray("tasks", "--json")
     assert done.returncode == 0
-    assert "classification" in done.stdout
+    listed = {d["name"]: d for d in json.loads(done.stdout)}
+    assert set(listed) == set(TASKS)
+    assert len(listed) == 13
+    assert listed["dialogue"]["formulations"] == {"chat": "causal_lm"}
+    assert "messages" in listed["dialogue"]["row_schema"]
+    table = taskray("tasks").stdout
+    for name in TASKS:
+        assert name in table
 
 
 def test_evaluate_bundle(tmp_path, tiny_bundle):
