@@ -17,6 +17,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraOptions(Strict):
+    """PEFT LoRA (or DoRA) adapters, applied before sharding."""
+
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(
+        default=None,
+        description="module names or 'all-linear'; None = PEFT's default for the architecture",
+    )
+    use_dora: bool = False
+    merge: bool = Field(default=False, description="export the base with the adapter merged in")
+
+
 class ModelOptions(Strict):
     """Which model to fine-tune and how to build it."""
 
@@ -35,6 +49,10 @@ class ModelOptions(Strict):
         default=False, description="run code shipped with the model (off unless you trust it)"
     )
     tokenizer: str | None = Field(default=None, description="tokenizer path when not the model's")
+    lora: LoraOptions | None = Field(default=None, description="train LoRA adapters only")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations in backward to save memory"
+    )
 
 
 class OptimOptions(Strict):
@@ -56,3 +74,7 @@ class OptimOptions(Strict):
         "None exports the last epoch",
     )
     eval_batch_size: int = Field(default=64, ge=1)
+    eval_generate_rows: int = Field(
+        default=32, ge=0, description="validation rows decoded with generate (generative tasks)"
+    )
+    eval_max_new_tokens: int = Field(default=64, ge=1)

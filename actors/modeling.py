@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from actors.config import ModelOptions
+from actors.config import LoraOptions, ModelOptions
 
 log = logging.getLogger("taskray")
 
@@ -117,7 +117,36 @@ def build_model(
             use_safetensors=_has_safetensors(path),
             **kwargs,
         )
+    if options.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if options.lora is not None:
+        model = apply_lora(model, kind, options.lora)
     return BuiltModel(model, attn, reason, dtype, path)
+
+
+PEFT_TASK_TYPES = {
+    "sequence_classification": "SEQ_CLS",
+    "token_classification": "TOKEN_CLS",
+    "question_answering": "QUESTION_ANS",
+    "causal_lm": "CAUSAL_LM",
+    "seq2seq_lm": "SEQ_2_SEQ_LM",
+}
+
+
+def apply_lora(model: Any, kind: str, lora: LoraOptions) -> Any:
+    """Wrap ``model`` in a PEFT LoRA/DoRA model; heads of encoder tasks stay fully trainable
+    (PEFT's task type marks them ``modules_to_save``)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=getattr(TaskType, PEFT_TASK_TYPES[kind]),
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+    )
+    return get_peft_model(model, config)
 
 
 def _has_safetensors(path: str) -> bool | None:

@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,21 @@ from pydantic import BaseModel, ConfigDict
 
 from actors.bundle import write_manifest
 from actors.config import ModelOptions, OptimOptions
-from actors.modeling import build_model, transformer_blocks
+from actors.modeling import build_model
 from actors.preprocess import load_tokenizer
-from tasks import IGNORE_INDEX, Task, task_from_spec
+from actors.steps import (
+    accumulate,
+    all_sum,
+    collate,
+    forward_loss,
+    make_optimizer,
+    shard_model,
+    world,
+)
+from tasks import Task, task_from_spec
 
-FEATURES = ("input_ids", "attention_mask", "token_type_ids", "labels")
 STATE_FILE = "train_state.json"
+GENERATIVE = ("causal_lm", "seq2seq_lm")
 
 
 class WorkerConfig(BaseModel):
@@ -45,178 +55,152 @@ class WorkerConfig(BaseModel):
     use_gpu: bool = False
 
 
-# ----- batches ------------------------------------------------------------------------------
-def collate(batch: dict[str, Any], pad_token_id: int, device: torch.device) -> dict[str, Any]:
-    """Pad a numpy batch of ragged features to the longest row and move it to ``device``."""
-    out: dict[str, Any] = {}
-    lengths = [len(x) for x in batch["input_ids"]]
-    longest = max(lengths)
-    for key in FEATURES:
-        if key not in batch:
-            continue
-        values = batch[key]
-        first = np.asarray(values[0])
-        if first.ndim == 0:
-            out[key] = torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
-            continue
-        pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
-        arr = np.full((len(values), longest), pad, dtype=np.int64)
-        for i, v in enumerate(values):
-            arr[i, : len(v)] = v
-        out[key] = torch.as_tensor(arr, device=device)
+# ----- evaluation ---------------------------------------------------------------------------
+def _lockstep(items: list[Any], rank: int, size: int) -> Iterator[tuple[Any, bool]]:
+    """This rank's share of ``items`` (every size-th), padded so that every rank yields the
+    same number of times: FSDP needs all ranks in each forward. Padding repeats are ``False``."""
+    mine = items[rank::size]
+    for i in range(math.ceil(len(items) / size) if items else 0):
+        yield (mine[i], True) if i < len(mine) else (items[0], False)
+
+
+def _gather(obj: Any) -> list[Any]:
+    size = world()[1]
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
     return out
 
 
-def supervised_targets(kind: str, labels: torch.Tensor) -> torch.Tensor:
-    """The labels the loss sees (causal LMs predict token t+1 from position t)."""
-    return labels[:, 1:] if kind == "causal_lm" else labels
+def _row_outputs(task: Task, out: Any, batch: dict[str, Any], inputs: dict) -> list[Any]:
+    """Per-row raw outputs for ``task.decode`` (the shape each encoder head's decode takes)."""
+    kind = task.model_kind
+    if kind == "sequence_classification":
+        return list(out.logits.float().cpu().numpy())
+    lengths = [len(x) for x in batch["input_ids"]]
+    if kind == "token_classification":
+        logits = out.logits.float().cpu().numpy()
+        return [
+            {"logits": logits[i, :n], "word_ids": list(batch["word_ids"][i])}
+            for i, n in enumerate(lengths)
+        ]
+    if kind == "question_answering":
+        s, e = out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+        return [
+            {
+                "start_logits": s[i, :n],
+                "end_logits": e[i, :n],
+                "offset_mapping": np.asarray(batch["offset_mapping"][i]).reshape(-1, 2).tolist(),
+            }
+            for i, n in enumerate(lengths)
+        ]
+    return []
 
 
-def loss_sum_and_count(kind: str, logits: torch.Tensor, labels: torch.Tensor):
-    """Summed cross-entropy and the number of supervised targets in a micro-batch.
-
-    Summing (not averaging) lets the loop divide by the supervised count of the whole global
-    batch, across accumulation steps and ranks, instead of averaging per-micro-batch means.
-    """
-    if kind == "causal_lm":
-        logits = logits[:, :-1, :]
-    labels = supervised_targets(kind, labels)
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_labels = labels.reshape(-1)
-    loss = torch.nn.functional.cross_entropy(
-        flat_logits, flat_labels, ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = (flat_labels != IGNORE_INDEX).sum()
-    return loss, count
-
-
-# ----- distributed helpers ------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_sum(value: float | int, device: torch.device) -> float:
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    if _world()[1] > 1:
-        dist.all_reduce(t)
-    return float(t.item())
-
-
-def shard_model(model: torch.nn.Module, use_gpu: bool) -> torch.nn.Module:
-    """FSDP2: ``fully_shard`` each transformer block, then the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cuda" if use_gpu else "cpu", (world,))
-    kwargs: dict[str, Any] = {"mesh": mesh}
-    if use_gpu and torch.cuda.is_bf16_supported():
-        kwargs["mp_policy"] = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-        )
-    for block in reversed(transformer_blocks(model)):
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-def make_optimizer(model: torch.nn.Module, optim: OptimOptions) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms (the usual transformer recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        lname = name.lower()
-        if param.ndim < 2 or "norm" in lname or lname.endswith("bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim.lr)
-
-
-# ----- evaluation ---------------------------------------------------------------------------
 def evaluate(
-    model: torch.nn.Module,
-    task: Task,
-    dataset: Any,
-    batch_size: int,
-    pad_token_id: int,
-    device: torch.device,
+    model: Any, task: Task, dataset: Any, optim: OptimOptions, tokenizer: Any, device: Any
 ) -> dict[str, float]:
-    """The task's metrics on the whole validation set; every rank returns the same numbers.
-
-    Each rank evaluates every world-th batch. FSDP needs all ranks to run the same number of
-    forwards, so a rank with fewer batches repeats one and discards the output.
-    """
-    rank, world = _world()
+    """Validation loss on every row, and the task's own metrics (every rank gets the same)."""
+    rank, size = world()
+    kind = task.model_kind
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
-    mine: list[dict[str, Any]] = []
-    first: dict[str, Any] | None = None
-    total = 0
-    for i, batch in enumerate(dataset.iter_batches(batch_size=batch_size, batch_format="numpy")):
-        total += 1
-        if first is None:
-            first = batch
-        if i % world == rank:
-            mine.append(batch)
-    predictions: list[dict] = []
-    rows: list[dict] = []
-    loss_sum, loss_count = 0.0, 0
+    batches = list(dataset.iter_batches(batch_size=optim.eval_batch_size, batch_format="numpy"))
+    loss_sum, count = 0.0, 0
+    outputs: list[tuple[str, Any]] = []  # (row key, raw output) in dataset order
+    rows: dict[str, dict] = {}
     with torch.no_grad():
-        for i in range(math.ceil(total / world)):
-            real = i < len(mine)
-            batch = mine[i] if real else first
-            if batch is None:
-                break
-            inputs = collate(batch, pad_token_id, device)
-            labels = inputs.pop("labels", None)
-            logits = model(**inputs).logits
+        for batch, real in _lockstep(batches, rank, size):
+            inputs = collate(batch, pad_id, device)
+            loss, out = forward_loss(kind, model, inputs)
             if not real:
                 continue
-            if labels is not None:
-                s, c = loss_sum_and_count(task.model_kind, logits, labels)
-                loss_sum += float(s)
-                loss_count += int(c)
-            predictions.extend(task.decode(logits.float().cpu().numpy()))
-            rows.extend(json.loads(str(j)) for j in batch["_json"])
-    gathered: list[Any] = [None] * world
-    if world > 1:
-        dist.all_gather_object(gathered, (predictions, rows, loss_sum, loss_count))
-    else:
-        gathered = [(predictions, rows, loss_sum, loss_count)]
-    all_preds = [p for g in gathered for p in g[0]]
-    all_rows = [r for g in gathered for r in g[1]]
-    metrics = task.metrics(all_preds, all_rows)
-    count = sum(g[3] for g in gathered)
-    if count:
-        metrics["loss"] = sum(g[2] for g in gathered) / count
+            from actors.steps import supervised_count
+
+            loss_sum += float(loss)
+            count += supervised_count(kind, inputs)
+            keys = [f"{r}" for r in batch["_row"]]
+            for key, js in zip(keys, batch["_json"], strict=True):
+                rows.setdefault(key, json.loads(str(js)))
+            outputs.extend(zip(keys, _row_outputs(task, out, batch, inputs), strict=False))
+    gathered = _gather((loss_sum, count, outputs, rows))
+    metrics: dict[str, float] = {}
+    total = sum(g[1] for g in gathered)
+    if total:
+        metrics["loss"] = sum(g[0] for g in gathered) / total
+    all_rows: dict[str, dict] = {}
+    for g in gathered:
+        all_rows.update(g[3])
+    keys = sorted(all_rows, key=int)
+    if kind in ("sequence_classification", "token_classification"):
+        by_key = {k: o for g in gathered for k, o in g[2]}
+        preds = task.decode([by_key[k] for k in keys], [all_rows[k] for k in keys])
+        metrics.update(task.metrics(preds, [all_rows[k] for k in keys]))
+    elif kind == "question_answering":
+        windows: dict[str, list] = {}
+        for g in gathered:
+            for k, o in g[2]:
+                windows.setdefault(k, []).append(o)
+        preds = task.decode([windows[k] for k in keys], [all_rows[k] for k in keys])
+        metrics.update(task.metrics(preds, [all_rows[k] for k in keys]))
+    elif kind in GENERATIVE and optim.eval_generate_rows > 0:
+        subset = [all_rows[k] for k in keys[: optim.eval_generate_rows]]
+        metrics.update(generate_metrics(model, task, subset, optim, tokenizer, device))
     model.train()
     return {f"eval_{k}": v for k, v in metrics.items()}
 
 
+def generate_metrics(
+    model: Any, task: Task, rows: list[dict], optim: OptimOptions, tokenizer: Any, device: Any
+) -> dict[str, float]:
+    """Greedy-decode ``rows`` (strided over ranks, in lockstep) and score the decoded outputs."""
+    rank, size = world()
+    if task.formulation == "decoder":  # classification by scoring each label
+        return {}
+    tokenizer.padding_side = "left" if task.model_kind == "causal_lm" else "right"
+    chunks = [
+        rows[i : i + optim.eval_batch_size] for i in range(0, len(rows), optim.eval_batch_size)
+    ]
+    texts: list[tuple[int, str]] = []
+    base = model
+    for chunk_index, (chunk, real) in enumerate(_lockstep(list(enumerate(chunks)), rank, size)):
+        index, chunk_rows = chunk
+        prompts = [task.generation_prompt(r, tokenizer) for r in chunk_rows]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            out = base.generate(
+                **enc,
+                max_new_tokens=optim.eval_max_new_tokens,
+                do_sample=False,
+                synced_gpus=size > 1,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        if not real:
+            continue
+        new = out[:, enc["input_ids"].shape[1] :] if task.model_kind == "causal_lm" else out
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts.extend((index * optim.eval_batch_size + i, t) for i, t in enumerate(decoded))
+        del chunk_index
+    ordered = sorted(t for g in _gather(texts) for t in g)
+    preds = task.decode([t for _, t in ordered])
+    return task.metrics(preds, [rows[i] for i, _ in ordered])
+
+
 # ----- checkpoints --------------------------------------------------------------------------
-def save_checkpoint(
-    directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
-) -> None:
+def save_checkpoint(directory: str, model: Any, optimizer: Any, state: dict) -> None:
     """Sharded DCP checkpoint of model + optimizer; rank 0 adds the loop state as JSON."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
-    if _world()[0] == 0:
+    if world()[0] == 0:
         Path(directory, STATE_FILE).write_text(json.dumps(state))
 
 
-def load_checkpoint(
-    directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> dict:
+def load_checkpoint(directory: str, model: Any, optimizer: Any) -> dict:
     """Restore model + optimizer from a DCP checkpoint; return the loop state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -232,25 +216,47 @@ def load_checkpoint(
 
 def export_bundle(
     directory: str,
-    model: torch.nn.Module,
+    model: Any,
     tokenizer: Any,
     task: Task,
-    base_model: str,
+    cfg: WorkerConfig,
     metrics: dict[str, float],
     extra: dict[str, Any],
 ) -> None:
-    """Gather the full (unsharded) weights and write a bundle from rank 0."""
+    """Gather the full (unsharded) weights on every rank and write the bundle from rank 0.
+
+    With LoRA the bundle is the complete adapter (every rank's shards gathered first, so no
+    rank-0-only slice), or the base with the adapter merged in when ``lora.merge`` is set.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    if _world()[0] != 0:
+    if world()[0] != 0:
         return
     os.makedirs(directory, exist_ok=True)
-    model.save_pretrained(directory, state_dict=full, safe_serialization=True)
+    lora = cfg.model.lora
+    if lora is not None and lora.merge:
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            model.save_pretrained(adapter_dir, state_dict=full, safe_serialization=True)
+            merged = _merge_adapter(cfg, task, adapter_dir)
+        merged.save_pretrained(directory, safe_serialization=True)
+        extra = {**extra, "merged_adapter": True}
+    else:
+        model.save_pretrained(directory, state_dict=full, safe_serialization=True)
+        if lora is not None:
+            extra = {**extra, "adapter": True}
     tokenizer.save_pretrained(directory)
-    write_manifest(directory, task, base_model, metrics, extra)
+    write_manifest(directory, task, cfg.base_model, metrics, extra)
+
+
+def _merge_adapter(cfg: WorkerConfig, task: Task, adapter_dir: str) -> Any:
+    from peft import PeftModel
+
+    base_options = cfg.model.model_copy(update={"lora": None, "gradient_checkpointing": False})
+    base = build_model(base_options, task.model_kind, task.labels).model
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
 # ----- the loop -----------------------------------------------------------------------------
@@ -262,32 +268,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = WorkerConfig.model_validate(config)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
     optim = cfg.optim
     torch.manual_seed(optim.seed)
     np.random.seed(optim.seed)
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
 
     task = task_from_spec(cfg.task)
+    kind = task.model_kind
     tokenizer = load_tokenizer(cfg.tokenizer_path, cfg.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    built = build_model(cfg.model, task.model_kind, task.labels, use_gpu=cfg.use_gpu)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    built = build_model(cfg.model, kind, task.labels, use_gpu=cfg.use_gpu)
     model = built.model.to(device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
         print(
-            f"[taskray] model {cfg.base_model} ({task.model_kind}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+            f"[taskray] model {cfg.base_model} ({kind}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+            f"{trainable / 1e6:.2f}M trainable), "
             f"attention={built.attn_implementation} ({built.attn_reason}), "
-            f"dtype={str(built.dtype).replace('torch.', '')}, workers={world}"
-            + (", FSDP2" if world > 1 else ""),
+            f"dtype={str(built.dtype).replace('torch.', '')}, workers={size}"
+            + (", FSDP2" if size > 1 else ""),
             flush=True,
         )
-    if world > 1:
+    if size > 1:
         model = shard_model(model, cfg.use_gpu)
     model.train()
     optimizer = make_optimizer(model, optim)
 
-    rows_per_worker = cfg.train_rows // world  # Ray's equal split
+    rows_per_worker = cfg.train_rows // size  # Ray's equal split
     micro_per_epoch = max(1, math.ceil(rows_per_worker / optim.batch_size))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / optim.grad_accum))
     total_steps = steps_per_epoch * optim.epochs
@@ -316,23 +327,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, optim.epochs):
         t_epoch = time.perf_counter()
-        window: list[dict[str, Any]] = []
         running_loss, running_count, tokens, samples = 0.0, 0.0, 0, 0
         t_log = time.perf_counter()
-        batches = train_shard.iter_batches(
-            batch_size=optim.batch_size,
-            batch_format="numpy",
-            local_shuffle_buffer_size=max(optim.batch_size * 8, 256),
-            local_shuffle_seed=optim.seed * 1000 + epoch * world + rank,
+        micro_iter = iter(
+            train_shard.iter_batches(
+                batch_size=optim.batch_size,
+                batch_format="numpy",
+                local_shuffle_buffer_size=max(optim.batch_size * 8, 256),
+                local_shuffle_seed=optim.seed * 1000 + epoch * size + rank,
+            )
         )
-        micro_iter = iter(batches)
         step_in_epoch = 0
         exhausted = False
         while not exhausted:
             window = []
             for _ in range(optim.grad_accum):
                 try:
-                    window.append(next(micro_iter))
+                    window.append(collate(next(micro_iter), pad_id, device))
                 except StopIteration:
                     exhausted = True
                     break
@@ -340,23 +351,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # agree on whether this window is empty.
             if not window:
                 break
-            inputs_list = [collate(b, pad_id, device) for b in window]
-            local_count = sum(
-                int((supervised_targets(task.model_kind, x["labels"]) != IGNORE_INDEX).sum())
-                for x in inputs_list
-            )
-            global_count = _all_sum(local_count, device)
-            step_loss = 0.0
-            for inputs in inputs_list:
-                labels = inputs.pop("labels")
-                logits = model(**inputs).logits
-                loss_sum, _ = loss_sum_and_count(task.model_kind, logits, labels)
-                # FSDP averages gradients over ranks; scale so the result is the mean over the
-                # supervised targets of the global batch.
-                (loss_sum * world / max(global_count, 1.0)).backward()
-                step_loss += float(loss_sum.detach())
-                tokens += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
-                samples += int(labels.shape[0])
+            step_loss, step_count = accumulate(kind, model, window, device)
+            for b in window:
+                tokens += int((b["input_ids"] != pad_id).sum())
+                samples += int(b["input_ids"].shape[0])
             grad_norm = None
             if optim.max_grad_norm is not None:
                 grad_norm = torch.nn.utils.clip_grad_norm_(parameters, optim.max_grad_norm)
@@ -367,12 +365,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             global_step += 1
             step_in_epoch += 1
-            running_loss += _all_sum(step_loss, device)
-            running_count += global_count
+            running_loss += step_loss
+            running_count += step_count
             if global_step % optim.log_every == 0 or exhausted:
                 elapsed = time.perf_counter() - t_log
                 loss = running_loss / max(running_count, 1.0)
-                tok_s = _all_sum(tokens, device) / max(elapsed, 1e-9)
+                tok_s = all_sum(tokens, device) / max(elapsed, 1e-9)
                 record = {
                     "epoch": epoch + 1,
                     "step": global_step,
@@ -380,7 +378,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "lr": scheduler.get_last_lr()[0],
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_s": tok_s,
-                    "samples_per_s": _all_sum(samples, device) / max(elapsed, 1e-9),
+                    "samples_per_s": all_sum(samples, device) / max(elapsed, 1e-9),
                 }
                 if rank == 0:
                     print(
@@ -394,7 +392,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 running_loss, running_count, tokens, samples = 0.0, 0.0, 0, 0
                 t_log = time.perf_counter()
 
-        metrics = evaluate(model, task, val_ds, optim.eval_batch_size, pad_id, device)
+        metrics = evaluate(model, task, val_ds, optim, tokenizer, device)
         metrics["epoch"] = epoch + 1
         metrics["step"] = global_step
         metrics["epoch_seconds"] = time.perf_counter() - t_epoch
@@ -423,7 +421,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 model,
                 tokenizer,
                 task,
-                cfg.base_model,
+                cfg,
                 {k[5:]: v for k, v in metrics.items() if k.startswith("eval_")},
                 {"epoch": epoch + 1, "attn_implementation": built.attn_implementation},
             )

@@ -25,6 +25,9 @@ class TaskOptions(Strict):
     labels: list[str] | None = Field(
         default=None, description="closed label set in class-id order; inferred when omitted"
     )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="family options, e.g. doc_stride (see taskray tasks)"
+    )
 
 
 class DataOptions(Strict):

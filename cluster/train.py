@@ -67,6 +67,7 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
         formulation=cfg.task.formulation,
         max_length=cfg.task.max_length,
         labels=cfg.task.labels,
+        options=cfg.task.options,
     )
     tokenizer_path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
     check_model_source(cfg.model.name_or_path, tokenizer_path, cfg.model.trust_remote_code)
