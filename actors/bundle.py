@@ -91,7 +91,7 @@ def check_safetensors_only(directory: str | Path) -> None:
             f"{path} contains pickle files ({', '.join(pickles)}); taskray loads weights from "
             "safetensors only — re-save the model with save_pretrained(safe_serialization=True)"
         )
-    if not any(path.glob("*.safetensors")):
+    if not any(path.glob("*.safetensors")):  # model.safetensors or adapter_model.safetensors
         raise BundleError(f"{path} has no .safetensors weights")
 
 
@@ -124,7 +124,21 @@ def load_bundle(
     kwargs: dict[str, Any] = {"use_safetensors": True, "attn_implementation": attn}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = auto_cls.from_pretrained(str(path), **kwargs).to(device).eval()
+    if manifest.get("adapter"):
+        # A LoRA bundle: the base comes from where it was trained from, the adapter from here.
+        from peft import PeftModel
+
+        base_path = resolve_model_path(manifest["base_model"])
+        label_kwargs = {}
+        if manifest.get("label_names") and kind in (
+            "sequence_classification",
+            "token_classification",
+        ):
+            label_kwargs = {"num_labels": len(manifest["label_names"])}
+        base = auto_cls.from_pretrained(base_path, **kwargs, **label_kwargs)
+        model = PeftModel.from_pretrained(base, str(path)).to(device).eval()
+    else:
+        model = auto_cls.from_pretrained(str(path), **kwargs).to(device).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
     return LoadedBundle(
         task=task, model=model, tokenizer=tokenizer, manifest=manifest, path=str(path)

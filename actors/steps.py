@@ -56,7 +56,9 @@ def collate(
             out[key] = torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
             continue
         pad = {"input_ids": pad_token_id, "labels": IGNORE_INDEX}.get(key, 0)
-        arr = np.full((len(values), longest), pad, dtype=np.int64)
+        # Per key: an encoder-decoder's labels are as long as the target, not the input.
+        width = max(len(v) for v in values)
+        arr = np.full((len(values), width), pad, dtype=np.int64)
         for i, v in enumerate(values):
             arr[i, : len(v)] = v
         out[key] = torch.as_tensor(arr, device=device)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from actors.bundle import write_manifest
 from actors.config import ModelOptions, OptimOptions
 from actors.modeling import build_model
+from actors.observe import MetricsSink, flops_per_token, measure_peak_flops, peak_memory_mb
 from actors.preprocess import load_tokenizer
 from actors.steps import (
     accumulate,
@@ -156,8 +157,17 @@ def generate_metrics(
 ) -> dict[str, float]:
     """Greedy-decode ``rows`` (strided over ranks, in lockstep) and score the decoded outputs."""
     rank, size = world()
-    if task.formulation == "decoder":  # classification by scoring each label
-        return {}
+    if task.formulation == "decoder":  # classification: score every label's tokens
+        from actors.inference import label_scores
+
+        scored: list[tuple[int, list[float]]] = []
+        for (index, row), real in _lockstep(list(enumerate(rows)), rank, size):
+            values = label_scores(model, task, tokenizer, row, device)
+            if real:
+                scored.append((index, values))
+        ordered_scores = sorted(s for g in _gather(scored) for s in g)
+        preds = task.decode([v for _, v in ordered_scores])
+        return task.metrics(preds, [rows[i] for i, _ in ordered_scores])
     tokenizer.padding_side = "left" if task.model_kind == "causal_lm" else "right"
     chunks = [
         rows[i : i + optim.eval_batch_size] for i in range(0, len(rows), optim.eval_batch_size)
@@ -322,7 +332,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("validation")
-    metrics_file = Path(cfg.run_dir, "metrics.jsonl")
+    sink = MetricsSink(cfg.run_dir) if rank == 0 else None
+    peak = optim.peak_flops or measure_peak_flops(device)
+    token_flops = flops_per_token(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
 
     for epoch in range(start_epoch, optim.epochs):
@@ -379,16 +391,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "grad_norm": float(grad_norm) if grad_norm is not None else None,
                     "tokens_per_s": tok_s,
                     "samples_per_s": all_sum(samples, device) / max(elapsed, 1e-9),
+                    # Cluster-wide achieved FLOP/s over the sum of the workers' peaks.
+                    "mfu": tok_s * token_flops / (peak * size),
+                    "peak_memory_mb": peak_memory_mb(device),
                 }
                 if rank == 0:
                     print(
                         f"[taskray] epoch {epoch + 1}/{optim.epochs} "
                         f"step {step_in_epoch}/{steps_per_epoch} loss {loss:.4f} "
-                        f"lr {record['lr']:.2e} {tok_s:,.0f} tok/s",
+                        f"lr {record['lr']:.2e} {tok_s:,.0f} tok/s mfu {record['mfu']:.1%} "
+                        f"mem {record['peak_memory_mb']:,.0f} MiB",
                         flush=True,
                     )
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    sink.write(record, global_step)
                 running_loss, running_count, tokens, samples = 0.0, 0.0, 0, 0
                 t_log = time.perf_counter()
 
@@ -405,8 +420,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")
             )
             print(f"[taskray] epoch {epoch + 1} evaluation: {shown}", flush=True)
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
+            sink.write(metrics, global_step, prefix="eval")
 
         with tempfile.TemporaryDirectory(prefix="taskray-ckpt-") as tmp:
             state = {

@@ -142,7 +142,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from cluster.evaluate import evaluate_bundle
 
     try:
-        report = evaluate_bundle(args.bundle, args.data, batch_size=args.batch_size)
+        report = evaluate_bundle(
+            args.bundle, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        )
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.json:
@@ -307,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="bundle directory (from taskray train)")
     p.add_argument("--data", required=True, help="labelled JSONL, Parquet or CSV file")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="generative tasks")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 

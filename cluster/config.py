@@ -39,6 +39,12 @@ class DataOptions(Strict):
     split_seed: int = 0
     max_rejected_fraction: float = Field(default=0.01, ge=0, le=1)
     tokenizer_actors: int = Field(default=1, ge=1, description="size of the tokenizer pool")
+    packing: bool = Field(
+        default=False, description="pack causal-LM training rows into max_length sequences"
+    )
+    packing_window: int = Field(
+        default=2048, ge=2, description="rows considered together by best-fit-decreasing"
+    )
 
 
 class ScalingOptions(Strict):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.packing import pack_batch, packing_efficiency
 from actors.preprocess import RowsDatasource, TokenizeRows, validate_batch
 from cluster.config import ConfigError, DataOptions
 from tasks import Task
@@ -167,7 +168,17 @@ def prepare_datasets(
         )
     # Materialise after the last transform: Ray Train workers hold the CPUs while training, so
     # any operator still to run would wait for a CPU forever.
-    train_final = train_tok.filter(_is_ok).drop_columns(["_error", "_path"]).materialize()
+    train_final = train_tok.filter(_is_ok).drop_columns(["_error", "_path"])
+    sequences = None
+    if data.packing and task.model_kind == "causal_lm":
+        sequences = train_final.count()
+        train_final = train_final.map_batches(
+            pack_batch,
+            fn_kwargs={"max_length": task.max_length},
+            batch_size=data.packing_window,
+            batch_format="numpy",
+        )
+    train_final = train_final.materialize()
     val_final = val_tok.filter(_is_ok).drop_columns(["_error", "_path"]).materialize()
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -182,6 +193,14 @@ def prepare_datasets(
         "train": train_final.count(),
         "validation": val_final.count(),
     }
+    if sequences is not None:
+        lens = [list(r["seq_lens"]) for r in train_final.select_columns(["seq_lens"]).take_all()]
+        counts["train_sequences"] = sequences
+        efficiency = packing_efficiency(lens, task.max_length)
+        progress(
+            f"[taskray] packed {sequences} sequences into {counts['train']} rows of "
+            f"{task.max_length} tokens (efficiency {efficiency:.3f})"
+        )
     progress(
         f"[taskray] rows: {counts['read']} read, {counts['train']} train, "
         f"{counts['validation']} validation, {counts['rejected']} rejected"

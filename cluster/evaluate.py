@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.bundle import load_bundle
-from actors.inference import predict_classification
+from actors.inference import predict_rows
 from actors.preprocess import parse_raw, raw_rows
 from cluster.data import resolve_paths
 from tasks import RowError
@@ -26,19 +26,19 @@ def read_valid_rows(spec: str, task: Any) -> tuple[list[dict], list[dict]]:
     return valid, rejected
 
 
-def evaluate_bundle(bundle_dir: str, data: str, batch_size: int = 64) -> dict[str, Any]:
-    """Predict every valid row and compute the task's metrics."""
+def evaluate_bundle(
+    bundle_dir: str, data: str, batch_size: int = 64, max_new_tokens: int = 64
+) -> dict[str, Any]:
+    """Predict every valid row (any task family) and compute the task's metrics."""
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_dir)
     rows, rejected = read_valid_rows(data, bundle.task)
     if not rows:
         raise ValueError(f"no valid rows in {data} ({len(rejected)} rejected)")
-    if bundle.task.model_kind != "sequence_classification":
-        raise ValueError(f"evaluate does not support model kind '{bundle.task.model_kind}' yet")
     predictions: list[dict] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        predictions.extend(predict_classification(bundle, [r["text"] for r in chunk]))
+        predictions.extend(predict_rows(bundle, chunk, max_new_tokens=max_new_tokens))
     metrics = bundle.task.metrics(predictions, rows)
     return {
         "task": bundle.task.name,

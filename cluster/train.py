@@ -69,6 +69,11 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
         labels=cfg.task.labels,
         options=cfg.task.options,
     )
+    if cfg.model.lora is not None and cfg.model.init == "random":
+        raise ConfigError(
+            "model.lora trains adapters over pretrained weights; set model.init: pretrained "
+            "(a random base could not be rebuilt when the adapter is loaded)"
+        )
     tokenizer_path = resolve_model_path(cfg.model.tokenizer or cfg.model.name_or_path)
     check_model_source(cfg.model.name_or_path, tokenizer_path, cfg.model.trust_remote_code)
     resolve_paths(cfg.data.train, "train")

@@ -62,6 +62,16 @@ def minilm_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
 
 
+@pytest.fixture(params=["wordpiece", "bpe"])
+def word_tokenizer(request, minilm_tokenizer):
+    """For pre-split words: MiniLM's WordPiece, or a byte-level BPE with a prefix space."""
+    from tests.toy_tokenizers import bpe_tokenizer
+
+    if request.param == "wordpiece":
+        return minilm_tokenizer
+    return bpe_tokenizer("chatml", add_prefix_space=True)
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, minilm_tokenizer) -> Path:
     """A directory with a tiny BERT config (random init) and MiniLM's tokenizer."""

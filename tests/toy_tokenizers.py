@@ -62,48 +62,21 @@ STYLES = {
     ),
 }
 
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Paris is the capital of France; Berlin is the capital of Germany.",
-    "def add(a, b):\n    return a + b\n",
-    "Question: what is 12 times 7? Answer: 84",
-    "Tim Cook leads Apple, which is based in Cupertino, California.",
-    "Summarize the following article in one sentence.",
-    "Translate English to German: The weather is nice today. Das Wetter ist heute schön.",
-    "You are a helpful assistant. Please answer briefly and politely.",
-    "Sentiment: Positive Negative neutral entailment contradiction",
-    "0123456789 + - * / = ( ) [ ] { } < > ' \" , . ; : ! ? é ü ß ç",
-]
-
 
 @cache
 def bpe_tokenizer(style: str = "chatml", add_prefix_space: bool = False):
     """A ``PreTrainedTokenizerFast`` (byte-level BPE, vocab ~600) with ``style``'s template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from actors.tiny import bpe_tokenizer as build
 
     template, specials, bos, eos, pad, _ = STYLES[style]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        additional_special_tokens=[t for t in specials if t not in (bos, eos, pad)],
+    return build(
+        chat_template=template,
+        specials=tuple(specials),
+        bos=bos,
+        eos=eos,
+        pad=pad,
         add_prefix_space=add_prefix_space,
     )
-    fast.chat_template = template
-    return fast
 
 
 def end_of_turn(style: str) -> str:

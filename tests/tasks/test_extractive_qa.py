@@ -24,16 +24,12 @@ def qa(max_length: int = 96, **options) -> ExtractiveQATask:
 
 @pytest.fixture(scope="module")
 def fixture_rows() -> list[dict]:
-    if not FIXTURE.exists():
-        pytest.skip(f"{FIXTURE} is missing")
     return read_jsonl(FIXTURE)
 
 
-@pytest.fixture(params=["wordpiece", "bpe"])
-def tokenizer(request, minilm_tokenizer):
-    if request.param == "wordpiece":
-        return minilm_tokenizer
-    return bpe_tokenizer("chatml", add_prefix_space=True)
+@pytest.fixture()
+def tokenizer(word_tokenizer):
+    return word_tokenizer
 
 
 def perfect_windows(windows: list[dict], null_peaks: bool = False) -> list[dict]:
