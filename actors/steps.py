@@ -39,12 +39,17 @@ def all_sum(value: float, device: torch.device | str = "cpu") -> float:
 
 
 def collate(
-    batch: dict[str, Any], pad_token_id: int, device: torch.device | str = "cpu"
+    batch: dict[str, Any],
+    pad_token_id: int,
+    device: torch.device | str = "cpu",
+    packed_mask: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Pad a numpy batch of ragged features to its longest row, as tensors on ``device``.
 
     Packed rows (with ``seq_lens``) get a block-diagonal causal ``attention_mask`` so that no
-    packed sequence attends to another.
+    packed sequence attends to another — or, with ``packed_mask=False`` (flash attention), no
+    mask at all: transformers then derives ``cu_seqlens`` from the restarting ``position_ids``
+    and runs the varlen kernel.
     """
     out: dict[str, torch.Tensor] = {}
     longest = max(len(x) for x in batch["input_ids"])
@@ -63,7 +68,8 @@ def collate(
             arr[i, : len(v)] = v
         out[key] = torch.as_tensor(arr, device=device)
     if "seq_lens" in batch:
-        out["attention_mask"] = block_causal_mask(batch["seq_lens"], longest).to(device)
+        if packed_mask:
+            out["attention_mask"] = block_causal_mask(batch["seq_lens"], longest).to(device)
     elif "attention_mask" not in out:
         mask = np.zeros((len(batch["input_ids"]), longest), dtype=np.int64)
         for i, v in enumerate(batch["input_ids"]):

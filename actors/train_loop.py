@@ -336,6 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     peak = optim.peak_flops or measure_peak_flops(device)
     token_flops = flops_per_token(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
+    packed_mask = built.attn_implementation != "flash_attention_2"
 
     for epoch in range(start_epoch, optim.epochs):
         t_epoch = time.perf_counter()
@@ -355,7 +356,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window = []
             for _ in range(optim.grad_accum):
                 try:
-                    window.append(collate(next(micro_iter), pad_id, device))
+                    window.append(collate(next(micro_iter), pad_id, device, packed_mask))
                 except StopIteration:
                     exhausted = True
                     break

@@ -14,6 +14,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
 POSITIVE = ["great", "wonderful", "excellent", "lovely", "fantastic", "superb", "delightful"]
 NEGATIVE = ["terrible", "awful", "broken", "horrible", "useless", "dreadful", "disappointing"]
 FILLER = ["the", "phone", "hotel", "film", "service", "was", "really", "quite", "honestly"]

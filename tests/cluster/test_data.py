@@ -92,3 +92,30 @@ def test_missing_paths_are_config_errors(tmp_path):
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(ConfigError, match="unsupported type"):
         resolve_paths(str(tmp_path / "x.txt"), "train")
+
+
+def test_packing_keeps_every_sequence_once(ray_session, tmp_path):
+    from actors.modeling import resolve_model_path
+    from tests.conftest import ROOT_DIR
+
+    task = get_task("generation", max_length=256)
+    data = prepare_datasets(
+        task,
+        DataOptions(
+            train=str(ROOT_DIR / "data" / "fixtures" / "generation.jsonl"),
+            validation_fraction=0.2,
+            packing=True,
+        ),
+        resolve_model_path("tiny:llama"),
+        tmp_path / "run",
+        progress=lambda *_: None,
+    )
+    rows = data.train.take_all()
+    assert data.counts["train"] == len(rows) < data.counts["train_sequences"]
+    packed_ids = sorted(int(i) for r in rows for i in r["_rows"])
+    assert len(packed_ids) == data.counts["train_sequences"] == len(set(packed_ids))
+    for r in rows:
+        assert len(r["input_ids"]) == sum(r["seq_lens"]) <= 256
+        assert len(r["position_ids"]) == len(r["input_ids"])
+        starts = [0, *list(__import__("numpy").cumsum(r["seq_lens"])[:-1])]
+        assert all(r["position_ids"][s] == 0 for s in starts)

@@ -69,9 +69,13 @@ def test_adapter_from_fsdp_run_is_complete_and_reproduces_training(
 
     adapter = load_file(str(bundle / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
+    base = AutoModelForCausalLM.from_pretrained(base_llama)
     for key, tensor in adapter.items():
-        # Complete shapes: A is [r, in_features], B is [out_features, r] (64 wide here).
-        assert 4 in tensor.shape and 64 in tensor.shape, (key, tuple(tensor.shape))
+        # Complete (unsharded) shapes: A is [r, in_features], B is [out_features, r].
+        module_path = key.removeprefix("base_model.model.").split(".lora_")[0]
+        linear = base.get_submodule(module_path)
+        expected = (4, linear.in_features) if ".lora_A." in key else (linear.out_features, 4)
+        assert tuple(tensor.shape) == expected, key
 
     loaded = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base_llama), str(bundle)
