@@ -53,6 +53,9 @@ class ModelOptions(Strict):
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in backward to save memory"
     )
+    cpu_offload: bool = Field(
+        default=False, description="FSDP2: keep sharded parameters and optimizer state on CPU"
+    )
 
 
 class OptimOptions(Strict):

@@ -140,13 +140,17 @@ def accumulate(
     return all_sum(loss_sum, device), total
 
 
-def shard_model(model: torch.nn.Module, use_gpu: bool) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, use_gpu: bool, cpu_offload: bool = False
+) -> torch.nn.Module:
     """FSDP2: ``fully_shard`` each transformer block, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh("cuda" if use_gpu else "cpu", (dist.get_world_size(),))
     kwargs: dict[str, Any] = {"mesh": mesh}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
     if use_gpu and torch.cuda.is_bf16_supported():
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32

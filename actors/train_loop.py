@@ -33,6 +33,7 @@ from actors.steps import (
     forward_loss,
     make_optimizer,
     shard_model,
+    supervised_count,
     world,
 )
 from tasks import Task, task_from_spec
@@ -74,7 +75,7 @@ def _gather(obj: Any) -> list[Any]:
     return out
 
 
-def _row_outputs(task: Task, out: Any, batch: dict[str, Any], inputs: dict) -> list[Any]:
+def _row_outputs(task: Task, out: Any, batch: dict[str, Any]) -> list[Any]:
     """Per-row raw outputs for ``task.decode`` (the shape each encoder head's decode takes)."""
     kind = task.model_kind
     if kind == "sequence_classification":
@@ -117,14 +118,12 @@ def evaluate(
             loss, out = forward_loss(kind, model, inputs)
             if not real:
                 continue
-            from actors.steps import supervised_count
-
             loss_sum += float(loss)
             count += supervised_count(kind, inputs)
             keys = [f"{r}" for r in batch["_row"]]
             for key, js in zip(keys, batch["_json"], strict=True):
                 rows.setdefault(key, json.loads(str(js)))
-            outputs.extend(zip(keys, _row_outputs(task, out, batch, inputs), strict=False))
+            outputs.extend(zip(keys, _row_outputs(task, out, batch), strict=False))
     gathered = _gather((loss_sum, count, outputs, rows))
     metrics: dict[str, float] = {}
     total = sum(g[1] for g in gathered)
@@ -173,14 +172,12 @@ def generate_metrics(
         rows[i : i + optim.eval_batch_size] for i in range(0, len(rows), optim.eval_batch_size)
     ]
     texts: list[tuple[int, str]] = []
-    base = model
-    for chunk_index, (chunk, real) in enumerate(_lockstep(list(enumerate(chunks)), rank, size)):
-        index, chunk_rows = chunk
+    for (index, chunk_rows), real in _lockstep(list(enumerate(chunks)), rank, size):
         prompts = [task.generation_prompt(r, tokenizer) for r in chunk_rows]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            out = base.generate(
+            out = model.generate(
                 **enc,
                 max_new_tokens=optim.eval_max_new_tokens,
                 do_sample=False,
@@ -192,7 +189,6 @@ def generate_metrics(
         new = out[:, enc["input_ids"].shape[1] :] if task.model_kind == "causal_lm" else out
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
         texts.extend((index * optim.eval_batch_size + i, t) for i, t in enumerate(decoded))
-        del chunk_index
     ordered = sorted(t for g in _gather(texts) for t in g)
     preds = task.decode([t for _, t in ordered])
     return task.metrics(preds, [rows[i] for i, _ in ordered])
@@ -304,7 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             flush=True,
         )
     if size > 1:
-        model = shard_model(model, cfg.use_gpu)
+        model = shard_model(model, cfg.use_gpu, cfg.model.cpu_offload)
     model.train()
     optimizer = make_optimizer(model, optim)
 

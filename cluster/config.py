@@ -54,6 +54,9 @@ class ScalingOptions(Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1, gt=0)
     max_failures: int = Field(default=0, ge=0, description="worker failures to recover from")
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="checkpoints kept (best by select_metric, else latest)"
+    )
 
 
 class RayOptions(Strict):

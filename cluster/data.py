@@ -112,9 +112,9 @@ def prepare_datasets(
                 f"found {len(found)} distinct label(s) in {data.train}; "
                 f"'{task.name}' needs at least 2 (or set task.labels)"
             )
+        # Every training label is in the inferred set by construction, so only the validation
+        # file (read below with the set in its spec) can still hold an unknown label.
         task.set_labels(task.sort_labels(found))
-        # Rows were checked without a label set; re-check now that it exists is unnecessary
-        # for the training file (every label there is in the inferred set).
         progress(f"[taskray] labels inferred from the training data: {task.labels}")
         spec = task.spec()
 

@@ -110,7 +110,7 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
             name="train",
             storage_path=str(run_dir / "ray"),
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2,
+                num_to_keep=cfg.scaling.keep_checkpoints,
                 checkpoint_score_attribute=f"eval_{select}" if select else None,
                 checkpoint_score_order="max",
             ),

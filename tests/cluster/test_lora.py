@@ -21,15 +21,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def base_llama(tmp_path_factory) -> Path:
     """A tiny Llama with weights on disk (LoRA needs a loadable base)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from actors.modeling import resolve_model_path
 
     source = resolve_model_path("tiny:llama")
     path = tmp_path_factory.mktemp("base-llama")
     torch.manual_seed(0)
-    from transformers import AutoConfig
-
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(source).save_pretrained(path)
