@@ -172,28 +172,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.detach:
         serving.ensure_cluster(args.num_cpus)
     else:
-        import ray
-
         from cluster.runtime import connect
 
         connect(args.address, args.num_cpus)
-        _ = ray
-    serving.deploy(config)
-    seconds = serving.wait_ready(url, timeout_s=args.timeout)
-    print(f"[taskray] serving at {url} (ready in {seconds:.1f}s); OpenAPI at {url}/docs")
-    if args.detach:
-        print("[taskray] detached; stop with `taskray serve --stop`")
-        return 0
-    print("[taskray] Ctrl-C to stop")
     from ray import serve
 
     try:
+        serving.deploy(config)
+        seconds = serving.wait_ready(url, timeout_s=args.timeout)
+        print(
+            f"[taskray] serving at {url} (ready in {seconds:.1f}s); OpenAPI at {url}/docs",
+            flush=True,
+        )
+        if args.detach:
+            print("[taskray] detached; stop with `taskray serve --stop`")
+            return 0
+        print("[taskray] Ctrl-C to stop", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        print("\n[taskray] shutting down")
+        print("\n[taskray] shutting down", flush=True)
     finally:
-        serve.shutdown()
+        # Foreground mode owns the app: take it down however the loop ends.
+        if not args.detach:
+            serve.shutdown()
     return 0
 
 

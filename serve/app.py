@@ -216,7 +216,11 @@ def build_ingress(args: AppArgs) -> Any:
             infos = await asyncio.gather(*(h.info.remote() for h in self.heads.values()))
             return ModelList(data=[ModelCard(**i) for i in infos])
 
-        @api.post("/v1/tasks/classification", response_model=ClassifyResponse)
+        @api.post(
+            "/v1/tasks/classification",
+            response_model=ClassifyResponse,
+            response_model_exclude_none=True,
+        )
         async def classification(self, body: ClassifyRequest, request: Request) -> ClassifyResponse:
             """Classify ``text`` or ``texts``; concurrent requests share model batches."""
             self._auth(request)

@@ -126,3 +126,47 @@ def test_every_command_has_help(command):
     done = taskray(command, "--help")
     assert done.returncode == 0
     assert "usage: taskray" in done.stdout
+
+
+def test_serve_foreground_answers_then_stops_on_ctrl_c(tmp_path, tiny_bundle):
+    """`taskray serve CONFIG` as a user runs it: ready, answers, Ctrl-C shuts down cleanly.
+
+    Runs its own local Ray in the child process, before the session's shared instance starts.
+    """
+    import signal
+    import time
+
+    import httpx
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    cfg["applications"][0]["args"]["models"][0]["bundle"] = str(tiny_bundle)
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "serve", str(path), "--port", str(port),
+         "--num-cpus", "2"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C to stop" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "serve did not become ready"
+            time.sleep(0.5)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/tasks/classification", json={"text": "fine"}, timeout=30
+        )
+        assert answer.status_code == 200
+        assert answer.json()["predictions"][0]["label"] in {"Negative", "Positive"}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+        assert "[taskray] shutting down" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
