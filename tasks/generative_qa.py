@@ -24,6 +24,7 @@ class GenerativeQATask(TextToTextTask):
     description: ClassVar[str] = "(context,) question → answer (EM, F1, ROUGE-L)"
     formulations: ClassVar[dict[str, str]] = {"causal": "causal_lm", "seq2seq": "seq2seq_lm"}
     row_schema: ClassVar[type[GenerativeQARow]] = GenerativeQARow
+    space_before_target: ClassVar[bool] = True
     target_field: ClassVar[str] = "answer"
     prompt_template: ClassVar[str] = "{context_block}Question: {question}\nAnswer:"
     source_template: ClassVar[str] = "question: {question}{context_suffix}"
@@ -35,10 +36,6 @@ class GenerativeQATask(TextToTextTask):
             "context_suffix": f" context: {context}" if context else "",
         }
         return super()._fill(template, {**row, **extra})
-
-    def target(self, row: dict[str, Any]) -> str:
-        text = super().target(row)
-        return text if self.model_kind == "seq2seq_lm" else " " + text
 
     def metrics(self, predictions: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]):
         preds = [p["text"] for p in predictions]

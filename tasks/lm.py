@@ -121,6 +121,9 @@ class TextToTextTask(Task):
     formulations: ClassVar[dict[str, str]] = {"causal": "causal_lm", "seq2seq": "seq2seq_lm"}
     options_schema: ClassVar[type[BaseModel] | None] = TemplateOptions
     target_field: ClassVar[str]
+    space_before_target: ClassVar[bool] = False
+    """Causal prompts ending in "Summary:"/"Answer:" continue with a space: the target carries
+    it, so the trained tokens are the ones a tokenizer makes for " word" after the prompt."""
     prompt_template: ClassVar[str]
     source_template: ClassVar[str]
 
@@ -144,7 +147,10 @@ class TextToTextTask(Task):
         """The supervised text (training rows must have it)."""
         if self.target_field not in row:
             raise RowError(self.target_field, "missing field (needed to train or evaluate)")
-        return row[self.target_field]
+        text = row[self.target_field]
+        if self.space_before_target and self.model_kind == "causal_lm":
+            return " " + text
+        return text
 
     def encode_row(self, row: dict[str, Any], tokenizer: Any) -> dict[str, list[int]]:
         if self.model_kind == "seq2seq_lm":

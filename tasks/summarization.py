@@ -23,14 +23,10 @@ class SummarizationTask(TextToTextTask):
     description: ClassVar[str] = "document → summary (ROUGE-1/2/L)"
     formulations: ClassVar[dict[str, str]] = {"seq2seq": "seq2seq_lm", "causal": "causal_lm"}
     row_schema: ClassVar[type[SummarizationRow]] = SummarizationRow
+    space_before_target: ClassVar[bool] = True
     target_field: ClassVar[str] = "summary"
     prompt_template: ClassVar[str] = "Summarize:\n{document}\nSummary:"
     source_template: ClassVar[str] = "summarize: {document}"
-
-    def target(self, row: dict[str, Any]) -> str:
-        text = super().target(row)
-        # A leading space after "Summary:" is how the text continues in the prompt's tokenisation.
-        return text if self.model_kind == "seq2seq_lm" else " " + text
 
     def metrics(self, predictions: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]):
         return rouge_scores([p["text"] for p in predictions], [r["summary"] for r in rows])

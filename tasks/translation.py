@@ -33,6 +33,7 @@ class TranslationTask(TextToTextTask):
     description: ClassVar[str] = "source (+ language pair) → target (sacreBLEU, chrF)"
     formulations: ClassVar[dict[str, str]] = {"seq2seq": "seq2seq_lm", "causal": "causal_lm"}
     row_schema: ClassVar[type[TranslationRow]] = TranslationRow
+    space_before_target: ClassVar[bool] = True
     target_field: ClassVar[str] = "target"
     prompt_template: ClassVar[str] = (
         "Translate {source_name} to {target_name}:\n{source}\n{target_name}:"
@@ -45,10 +46,6 @@ class TranslationTask(TextToTextTask):
             "target_name": LANGUAGES.get(row["target_lang"], row["target_lang"]),
         }
         return super()._fill(template, {**row, **names})
-
-    def target(self, row: dict[str, Any]) -> str:
-        text = super().target(row)
-        return text if self.model_kind == "seq2seq_lm" else " " + text
 
     def metrics(self, predictions: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]):
         return bleu_chrf([p["text"] for p in predictions], [r["target"] for r in rows])
