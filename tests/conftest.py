@@ -75,23 +75,11 @@ def word_tokenizer(request, minilm_tokenizer):
 
 
 @pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory, minilm_tokenizer) -> Path:
-    """A directory with a tiny BERT config (random init) and MiniLM's tokenizer."""
-    from transformers import BertConfig
+def tiny_bert(tmp_path_factory) -> Path:
+    """A directory with the project's tiny BERT config (random init) and MiniLM's tokenizer."""
+    from actors.tiny import build_tiny
 
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    ).save_pretrained(path)
-    minilm_tokenizer.save_pretrained(path)
-    return path
+    return build_tiny("bert", tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
