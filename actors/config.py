@@ -81,6 +81,12 @@ class OptimOptions(Strict):
         default=32, ge=0, description="validation rows decoded with generate (generative tasks)"
     )
     eval_max_new_tokens: int = Field(default=64, ge=1)
+    checkpoint_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="also checkpoint every N optimizer steps (mid-epoch resume point); "
+        "None = at each epoch end only",
+    )
     peak_flops: float | None = Field(
         default=None, gt=0, description="per-worker peak FLOP/s for MFU; None = measure a matmul"
     )

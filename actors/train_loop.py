@@ -195,19 +195,33 @@ def generate_metrics(
 
 
 # ----- checkpoints --------------------------------------------------------------------------
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def save_checkpoint(directory: str, model: Any, optimizer: Any, state: dict) -> None:
-    """Sharded DCP checkpoint of model + optimizer; rank 0 adds the loop state as JSON."""
+    """Sharded DCP checkpoint of model + optimizer, each rank's RNG state (dropout must draw
+    the same masks after a resume), and the loop state as JSON from rank 0."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=directory)
-    if world()[0] == 0:
+    rank = world()[0]
+    torch.save(_rng_state(), os.path.join(directory, _rng_file(rank)))
+    if rank == 0:
         Path(directory, STATE_FILE).write_text(json.dumps(state))
 
 
 def load_checkpoint(directory: str, model: Any, optimizer: Any) -> dict:
-    """Restore model + optimizer from a DCP checkpoint; return the loop state."""
+    """Restore model, optimizer and this rank's RNG from a checkpoint; return the loop state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -217,6 +231,12 @@ def load_checkpoint(directory: str, model: Any, optimizer: Any) -> dict:
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
+    rng_path = Path(directory, _rng_file(world()[0]))
+    if rng_path.exists():  # absent when the world size changed: the data order changes anyway
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     return json.loads(Path(directory, STATE_FILE).read_text())
 
 
@@ -315,16 +335,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         num_training_steps=total_steps,
     )
 
-    start_epoch, global_step = 0, 0
+    # The data position: epochs finished and micro-batches of the next one already trained on.
+    start_epoch, skip_micro, global_step = 0, 0, 0
     best: float | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(ckpt_dir, model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
-        start_epoch, global_step, best = state["epoch"] + 1, state["global_step"], state["best"]
+        start_epoch, skip_micro = state["next_epoch"], state["skip_micro_batches"]
+        global_step, best = state["global_step"], state["best"]
         if rank == 0:
-            print(f"[taskray] resumed after epoch {start_epoch} (step {global_step})", flush=True)
+            where = f"epoch {start_epoch + 1}" + (
+                f", after micro-batch {skip_micro}" if skip_micro else ""
+            )
+            print(f"[taskray] resumed at {where} (step {global_step})", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("validation")
@@ -346,8 +371,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 local_shuffle_seed=optim.seed * 1000 + epoch * size + rank,
             )
         )
-        step_in_epoch = 0
+        # Resuming mid-epoch: the shard yields the same rows in the same order as before (a
+        # materialised, order-preserving dataset split deterministically, seeded local
+        # shuffle), so skipping what was trained on lands exactly where the run stopped.
+        step_in_epoch = skip_micro // optim.grad_accum
         exhausted = False
+        for _ in range(skip_micro):
+            if next(micro_iter, None) is None:
+                exhausted = True
+                break
+        skip_micro = 0
         while not exhausted:
             window = []
             for _ in range(optim.grad_accum):
@@ -403,6 +436,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     sink.write(record, global_step)
                 running_loss, running_count, tokens, samples = 0.0, 0.0, 0, 0
                 t_log = time.perf_counter()
+            every = optim.checkpoint_every
+            if (
+                every
+                and global_step % every == 0
+                and not exhausted
+                and (step_in_epoch < steps_per_epoch)
+            ):
+                _report_step_checkpoint(
+                    model, optimizer, scheduler, optim, epoch, step_in_epoch, global_step, best
+                )
 
         metrics = evaluate(model, task, val_ds, optim, tokenizer, device)
         metrics["epoch"] = epoch + 1
@@ -421,7 +464,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         with tempfile.TemporaryDirectory(prefix="taskray-ckpt-") as tmp:
             state = {
-                "epoch": epoch,
+                "next_epoch": epoch + 1,
+                "skip_micro_batches": 0,
                 "global_step": global_step,
                 "best": best,
                 "scheduler": scheduler.state_dict(),
@@ -441,3 +485,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint=Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"epoch-{epoch + 1:04d}",
             )
+
+
+def _report_step_checkpoint(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    optim: OptimOptions,
+    epoch: int,
+    step_in_epoch: int,
+    global_step: int,
+    best: float | None,
+) -> None:
+    """A mid-epoch resume point: model, optimizer, scheduler, RNG and the data position.
+
+    It carries no bundle and no evaluation. When checkpoints are ranked by a metric it reports
+    that metric as -inf, so Ray's keep-K drops step checkpoints before epoch ones (whose
+    bundles are the candidates for export) while still never deleting the latest.
+    """
+    import ray.train
+    from ray.train import Checkpoint
+
+    metrics: dict[str, Any] = {"epoch": epoch + 1, "step": global_step}
+    if optim.select_metric:
+        metrics[f"eval_{optim.select_metric}"] = float("-inf")
+    with tempfile.TemporaryDirectory(prefix="taskray-ckpt-") as tmp:
+        state = {
+            "next_epoch": epoch,
+            "skip_micro_batches": step_in_epoch * optim.grad_accum,
+            "global_step": global_step,
+            "best": best,
+            "scheduler": scheduler.state_dict(),
+        }
+        save_checkpoint(tmp, model, optimizer, state)
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step-{global_step:07d}",
+        )
+    if world()[0] == 0:
+        print(f"[taskray] checkpoint at step {global_step}", flush=True)

@@ -86,7 +86,30 @@ def prepare_datasets(
     trust_remote_code: bool = False,
     progress: Any = print,
 ) -> PreparedData:
-    """Run the preprocessing pipeline; sets ``task``'s label set when it is inferred."""
+    """Run the preprocessing pipeline; sets ``task``'s label set when it is inferred.
+
+    Runs with Ray Data's ``preserve_order``: the materialised training set then has the same
+    blocks in the same order on every run of the same config, which is what lets a resumed
+    run (even one started by a new driver) skip exactly the rows it already trained on.
+    """
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        return _prepare(task, data, tokenizer_path, run_dir, trust_remote_code, progress)
+    finally:
+        options.preserve_order = saved
+
+
+def _prepare(
+    task: Task,
+    data: DataOptions,
+    tokenizer_path: str,
+    run_dir: Path,
+    trust_remote_code: bool,
+    progress: Any,
+) -> PreparedData:
     train_paths = resolve_paths(data.train, "train")
     val_paths = resolve_paths(data.validation, "validation") if data.validation else None
     split = None if val_paths else data.validation_fraction
