@@ -337,13 +337,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve")
     p.add_argument("--min-accuracy", type=float, default=0.85, help="fail below this accuracy")
     p.set_defaults(func=cmd_quickstart)
+
+    from cluster import jobs, k8s
+
+    jobs.register(sub)
+    k8s.register(sub)
+    from cluster import retrieval_cli
+
+    retrieval_cli.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``taskray`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills the ``overrides`` positional before later flags, so key=value pairs
+    # written after a flag (``train C.yaml --workers 4 training.lr=3e-5``) arrive here.
+    if extra and hasattr(args, "overrides") and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides = [*(args.overrides or []), *extra]
+    elif extra:
+        print(
+            f"taskray: error: unrecognized arguments: {' '.join(extra)} "
+            f"(see taskray {args.command} --help)",
+            file=sys.stderr,
+        )
+        return 2
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     try:
         return int(args.func(args) or 0)

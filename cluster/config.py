@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from actors.config import ModelOptions, OptimOptions, Strict
 
@@ -75,8 +75,24 @@ class TrainConfig(Strict):
     training: OptimOptions = OptimOptions()
     scaling: ScalingOptions = ScalingOptions()
     ray: RayOptions = RayOptions()
-    output_dir: str = Field(default="runs/latest", description="run dir; bundle at <dir>/bundle")
+    output_dir: str = Field(
+        default="runs/latest",
+        description="run dir (a local path or a mount every node shares); bundle at <dir>/bundle",
+    )
     resume: bool = Field(default=True, description="resume from the run dir's last checkpoint")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _filesystem_path(cls, value: str) -> str:
+        # The driver and rank 0 write the bundle, metrics and rejected rows with plain file
+        # I/O, so an object-store URI would silently become a local folder named "s3:".
+        if "://" in value:
+            raise ValueError(
+                f"'{value}' is a URI; output_dir must be a filesystem path — on a multi-node "
+                "cluster, a mount every node shares (NFS, EFS/FSx, Filestore, GCS FUSE), "
+                "e.g. /mnt/shared/runs/NAME"
+            )
+        return value
 
 
 C = TypeVar("C", bound=BaseModel)

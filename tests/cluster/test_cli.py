@@ -76,6 +76,11 @@ def test_unknown_setting_and_bad_override(tmp_path, tiny_bert):
     cfg = _config(tmp_path, tiny_bert)
     assert_one_line_error(taskray("train", str(cfg), "training.epocs=3"), "training.epocs")
     assert_one_line_error(taskray("train", str(cfg), "training.epochs=zero"), "training.epochs")
+    # Overrides after a flag are still overrides, not "unrecognized arguments".
+    done = taskray("train", str(cfg), "--workers", "1", "training.epochs=zero")
+    assert_one_line_error(done, "training.epochs")
+    assert_one_line_error(taskray("train", str(cfg), "--bogus"), "unrecognized arguments: --bogus")
+    assert_one_line_error(taskray("train", str(cfg), "output_dir=s3://b/run"), "is a URI")
 
 
 def test_missing_model(tmp_path, tiny_bert):
