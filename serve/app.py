@@ -1,35 +1,57 @@
-"""The taskray Ray Serve application: task deployments composed behind one FastAPI ingress.
+"""The taskray Ray Serve application: task heads and generators composed behind one FastAPI
+ingress.
 
 ``build_app`` is an application builder: Serve config files name it as
 ``import_path: serve.app:build_app`` with the ``AppArgs`` as ``args``, so ``serve run`` /
-``serve deploy`` / ``taskray serve`` all deploy the same thing.
+``serve deploy`` / ``taskray serve`` / a KubeRay RayService all deploy the same thing.
+
+Routes: ``/v1/tasks/{task}`` for every text family, OpenAI-compatible ``/v1/completions``,
+``/v1/chat/completions`` (both streaming as server-sent events) and ``/v1/models``, plus
+``/healthz`` and ``/readyz``. Every limit is checked here, before a model sees the request.
 """
 
 import asyncio
 import hmac
+import json
 import logging
 import os
+import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.config import AppArgs, Limits, ServedModel
-from serve.schemas import ClassifyRequest, ClassifyResponse, ModelCard, ModelList
+from serve.generator import generator_class
+from serve.schemas import (
+    ChatRequest,
+    ClassifyRequest,
+    ClassifyResponse,
+    CompletionRequest,
+    GenerationParameters,
+    ModelCard,
+    ModelList,
+    TaskRequest,
+    TaskResponse,
+)
 
 log = logging.getLogger("ray.serve")
 
 READY_TIMEOUT_S = 2.0
+GENERATIVE_KINDS = ("causal_lm", "seq2seq_lm")
 
 
+# ----- task heads ---------------------------------------------------------------------------
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 class TaskHead:
-    """A task model (classification for now) that batches concurrent requests."""
+    """An encoder task model (classification, NLI, NER, extractive QA) or a decoder classifier,
+    batching concurrent requests. Long QA contexts are windowed as in training."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         import torch
@@ -44,16 +66,13 @@ class TaskHead:
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
         self.bundle = load_bundle(self.spec.bundle, device=device)
         self.batch_sizes: Counter[int] = Counter()
-        self.classify.set_max_batch_size(self.spec.max_batch_size)
-        self.classify.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self.predict.set_max_batch_size(self.spec.max_batch_size)
+        self.predict.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     def info(self) -> dict[str, Any]:
         """What ``/v1/models`` shows of this model."""
-        return {
-            "id": self.spec.name,
-            "task": self.bundle.task.name,
-            "labels": self.bundle.task.labels,
-        }
+        task = self.bundle.task
+        return {"id": self.spec.name, "task": task.name, "labels": task.labels}
 
     def ready(self) -> bool:
         """The replica exists only once its model is loaded, so answering means ready."""
@@ -68,24 +87,32 @@ class TaskHead:
         if self.bundle is None or self.bundle.model is None:
             raise RuntimeError("model not loaded")
 
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot batching settings from the Serve config's ``user_config``."""
+        if "max_batch_size" in user_config:
+            self.predict.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.predict.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def classify(self, items: list[tuple[str, bool]]) -> list[dict[str, Any]]:
-        """Batched classification: each item is ``(text, return_all_scores)``."""
-        from actors.inference import predict_classification
+    async def predict(self, items: list[tuple[dict[str, Any], bool]]) -> list[dict[str, Any]]:
+        """Batched prediction: each item is ``(validated row, return_all_scores)``."""
+        from actors.inference import predict_rows
 
         self.batch_sizes[len(items)] += 1
         want_all = any(flag for _, flag in items)
         preds = await asyncio.to_thread(
-            predict_classification, self.bundle, [t for t, _ in items], want_all
+            predict_rows, self.bundle, [r for r, _ in items], all_scores=want_all
         )
         out = []
         for pred, (_, flag) in zip(preds, items, strict=True):
-            if not flag:
+            if not flag and "scores" in pred:
                 pred = {k: v for k, v in pred.items() if k != "scores"}
             out.append(pred)
         return out
 
 
+# ----- errors, limits, auth -----------------------------------------------------------------
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
     """The one error shape of the API: ``{"error": {"message", "type"}}``."""
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
@@ -95,7 +122,7 @@ def make_api(limits: Limits) -> FastAPI:
     """The FastAPI app with error handlers and the body-size guard."""
     api = FastAPI(
         title="taskray",
-        description="Task models served on Ray Serve.",
+        description="Task models and generators served on Ray Serve.",
         version="0.1.0",
     )
 
@@ -111,9 +138,16 @@ def make_api(limits: Limits) -> FastAPI:
     @api.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         kind = {401: "unauthorized", 404: "not_found", 413: "too_large"}.get(
-            exc.status_code, "error"
+            exc.status_code, "invalid_request" if exc.status_code == 422 else "error"
         )
         return error_response(exc.status_code, str(exc.detail), kind)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # A model that raises answers this request with one line; the replica lives on.
+        log.exception("request failed")
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return error_response(500, f"the model failed on this request: {first[:300]}", "error")
 
     @api.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
@@ -148,6 +182,44 @@ def load_api_key(args: AppArgs) -> str | None:
     return None
 
 
+def describe_model(spec: ServedModel) -> dict[str, Any]:
+    """What the ingress needs to know of a model without loading it: its task spec, model
+    kind and tokenizer directory (read from the bundle's manifest or the HF config)."""
+    from actors.bundle import MANIFEST, read_manifest
+    from actors.modeling import resolve_model_path
+    from tasks import get_task
+
+    path = Path(resolve_model_path(spec.bundle))
+    if (path / MANIFEST).is_file():
+        manifest = read_manifest(path)
+        task_spec = manifest["task"]
+        if spec.task is not None and spec.task != task_spec["name"]:
+            raise ValueError(
+                f"model '{spec.name}': bundle {path} was trained for task "
+                f"'{task_spec['name']}', not '{spec.task}'"
+            )
+        return {"task": task_spec, "kind": manifest["model_kind"], "path": str(path)}
+    config = path / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(
+            f"model '{spec.name}': {path} is neither a taskray bundle nor a HF model directory"
+        )
+    seq2seq = bool(json.loads(config.read_text()).get("is_encoder_decoder"))
+    task = get_task(spec.task or "generation")
+    if task.model_kind not in GENERATIVE_KINDS:
+        raise ValueError(
+            f"model '{spec.name}': a plain model directory serves generative tasks only; "
+            f"train a bundle for '{task.name}'"
+        )
+    kind = "seq2seq_lm" if seq2seq else "causal_lm"
+    return {"task": task.spec(), "kind": kind, "path": str(path)}
+
+
+def _is_generator(meta: dict[str, Any]) -> bool:
+    return meta["kind"] in GENERATIVE_KINDS and meta["task"].get("formulation") != "decoder"
+
+
+# ----- ingress ------------------------------------------------------------------------------
 def build_ingress(args: AppArgs) -> Any:
     """The ingress deployment class bound to these args' limits."""
     api = make_api(args.limits)
@@ -156,13 +228,30 @@ def build_ingress(args: AppArgs) -> Any:
     @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
     @serve.ingress(api)
     class Ingress:
-        """HTTP front door: validates, authenticates, and fans out to task deployments."""
+        """HTTP front door: validates, authenticates, and fans out to the model deployments."""
 
-        def __init__(self, heads: dict[str, DeploymentHandle], tasks: dict[str, str]) -> None:
-            self.heads = heads
-            self.tasks = tasks
+        def __init__(
+            self, handles: dict[str, DeploymentHandle], metas: dict[str, dict[str, Any]]
+        ) -> None:
+            from transformers import AutoTokenizer
+
+            from tasks import task_from_spec
+
+            self.handles = handles
+            self.metas = metas
+            self.specs = {m.name: m for m in args.models}
+            self.tasks = {name: task_from_spec(meta["task"]) for name, meta in metas.items()}
+            # Tokenizers (small) live here too: prompts are built and token limits checked
+            # before any request reaches a model.
+            self.tokenizers = {
+                name: AutoTokenizer.from_pretrained(meta["path"])
+                for name, meta in metas.items()
+                if _is_generator(meta)
+            }
+            self.adapters = {a: m.name for m in args.models for a in m.adapters}
             self.api_key = load_api_key(args)
 
+        # ----- helpers ----------------------------------------------------------------------
         def _auth(self, request: Request) -> None:
             if self.api_key is None:
                 return
@@ -173,16 +262,109 @@ def build_ingress(args: AppArgs) -> Any:
             ):
                 raise HTTPException(401, "missing or wrong API key (Authorization: Bearer ...)")
 
-        def _pick(self, task: str, model: str | None) -> tuple[str, DeploymentHandle]:
+        def _pick(self, task: str, model: str | None) -> str:
+            """The served model for ``task``: the named one, or the first that serves it."""
             if model is not None:
-                if model not in self.heads or self.tasks[model] != task:
+                base = self.adapters.get(model, model)
+                if base not in self.tasks or self.tasks[base].name != task:
                     raise HTTPException(404, f"model '{model}' does not serve task '{task}'")
-                return model, self.heads[model]
+                return model
             for name, t in self.tasks.items():
-                if t == task:
-                    return name, self.heads[name]
+                if t.name == task:
+                    return name
             raise HTTPException(404, f"no model serves task '{task}'")
 
+        def _generator(self, model: str) -> tuple[str, DeploymentHandle, str | None]:
+            """(base name, handle, adapter) for an OpenAI ``model`` field."""
+            base = self.adapters.get(model, model)
+            if base not in self.metas:
+                known = ", ".join(sorted([*self.metas, *self.adapters]))
+                raise HTTPException(404, f"model '{model}' not found (served: {known})")
+            if not _is_generator(self.metas[base]):
+                raise HTTPException(
+                    422, f"model '{model}' is a {self.tasks[base].name} head, not a generator"
+                )
+            adapter = model if model in self.adapters else None
+            return base, self.handles[base], adapter
+
+        def _params(self, base: str, given: dict[str, Any]) -> dict[str, Any]:
+            defaults = self.specs[base].generation
+            params = {k: v for k, v in given.items() if v is not None}
+            out = {**defaults.model_dump(), **params}
+            if out["max_new_tokens"] > limits.max_new_tokens:
+                raise HTTPException(
+                    422,
+                    f"max_tokens: {out['max_new_tokens']} exceeds limits.max_new_tokens="
+                    f"{limits.max_new_tokens}",
+                )
+            stop = out.get("stop") or ()
+            out["stop"] = tuple([stop] if isinstance(stop, str) else stop)
+            return out
+
+        def _check_prompt(self, base: str, prompt: str, where: str) -> None:
+            if len(prompt) > limits.max_text_chars * 4:
+                raise HTTPException(
+                    413,
+                    f"{where}: {len(prompt)} characters exceed the prompt limit "
+                    f"(4 × limits.max_text_chars={limits.max_text_chars})",
+                )
+            count = len(self.tokenizers[base](prompt, add_special_tokens=False)["input_ids"])
+            if count > limits.max_input_tokens:
+                raise HTTPException(
+                    413,
+                    f"{where}: {count} prompt tokens exceed limits.max_input_tokens="
+                    f"{limits.max_input_tokens}",
+                )
+
+        def _rows(self, body: TaskRequest, task: Any) -> list[dict[str, Any]]:
+            given = [
+                f for f in ("input", "inputs", "text", "texts") if getattr(body, f) is not None
+            ]
+            if len(given) != 1:
+                raise HTTPException(422, "give exactly one of 'input', 'inputs', 'text' or 'texts'")
+            field = given[0]
+            if field == "input":
+                raw, names = [body.input], ["input"]
+            elif field == "inputs":
+                raw = list(body.inputs or [])
+                names = [f"inputs.{i}" for i in range(len(raw))]
+            elif field == "text":
+                raw, names = [{"text": body.text}], ["text"]
+            else:
+                raw = [{"text": t} for t in body.texts or []]
+                names = [f"texts.{i}" for i in range(len(raw))]
+            if not raw:
+                raise HTTPException(422, f"{field}: must hold at least one item")
+            if len(raw) > limits.max_batch_texts:
+                raise HTTPException(
+                    413,
+                    f"{field}: {len(raw)} items exceed limits.max_batch_texts="
+                    f"{limits.max_batch_texts}",
+                )
+            from tasks import RowError
+
+            rows = []
+            for row, name in zip(raw, names, strict=True):
+                for key, value in row.items():
+                    if isinstance(value, str) and len(value) > limits.max_text_chars:
+                        where = name if field in ("text", "texts") else f"{name}.{key}"
+                        raise HTTPException(
+                            413,
+                            f"{where}: {len(value)} characters exceed limits.max_text_chars="
+                            f"{limits.max_text_chars}",
+                        )
+                try:
+                    clean = task.validate(row)
+                except RowError as err:
+                    where = name if field in ("text", "texts") else f"{name}.{err.field}"
+                    reason = err.reason.removeprefix("Value error, ")
+                    raise HTTPException(422, f"{where}: {reason}") from None
+                if field in ("text", "texts") and not str(clean.get("text", "")).strip():
+                    raise HTTPException(422, f"{name}: must not be empty")
+                rows.append(clean)
+            return rows
+
+        # ----- health -----------------------------------------------------------------------
         @api.get("/healthz")
         async def healthz(self) -> dict[str, str]:
             """Alive (the process answers)."""
@@ -200,22 +382,27 @@ def build_ingress(args: AppArgs) -> Any:
                 except Exception:
                     return False
 
-            names = list(self.heads)
-            results = await asyncio.gather(*(probe(self.heads[n]) for n in names))
+            names = list(self.handles)
+            results = await asyncio.gather(*(probe(self.handles[n]) for n in names))
             status = dict(zip(names, results, strict=True))
-            code = 200 if all(results) else 503
             return JSONResponse(
-                status_code=code,
+                status_code=200 if all(results) else 503,
                 content={"ready": all(results), "models": status},
             )
 
-        @api.get("/v1/models", response_model=ModelList)
+        # ----- models -----------------------------------------------------------------------
+        @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
         async def models(self, request: Request) -> ModelList:
-            """The served models and their tasks."""
+            """Served models and their adapters (OpenAI's list shape, with each one's task)."""
             self._auth(request)
-            infos = await asyncio.gather(*(h.info.remote() for h in self.heads.values()))
-            return ModelList(data=[ModelCard(**i) for i in infos])
+            cards = []
+            for name, task in self.tasks.items():
+                cards.append(ModelCard(id=name, task=task.name, labels=task.labels))
+                for adapter in self.specs[name].adapters:
+                    cards.append(ModelCard(id=adapter, task=task.name, parent=name))
+            return ModelList(data=cards)
 
+        # ----- task routes ------------------------------------------------------------------
         @api.post(
             "/v1/tasks/classification",
             response_model=ClassifyResponse,
@@ -226,41 +413,220 @@ def build_ingress(args: AppArgs) -> Any:
             self._auth(request)
             if (body.text is None) == (body.texts is None):
                 raise HTTPException(422, "give exactly one of 'text' or 'texts'")
-            texts = [body.text] if body.text is not None else list(body.texts or [])
-            field = "text" if body.text is not None else "texts"
-            if not texts:
-                raise HTTPException(422, "texts: must hold at least one text")
-            if len(texts) > limits.max_batch_texts:
-                raise HTTPException(
-                    413,
-                    f"texts: {len(texts)} items exceed limits.max_batch_texts="
-                    f"{limits.max_batch_texts}",
-                )
-            for i, text in enumerate(texts):
-                where = field if body.text is not None else f"texts.{i}"
-                if not text.strip():
-                    raise HTTPException(422, f"{where}: must not be empty")
-                if len(text) > limits.max_text_chars:
-                    raise HTTPException(
-                        413,
-                        f"{where}: {len(text)} characters exceed limits.max_text_chars="
-                        f"{limits.max_text_chars}",
-                    )
-            name, handle = self._pick("classification", body.model)
-            preds = await asyncio.gather(
-                *(handle.classify.remote((t, body.return_all_scores)) for t in texts)
-            )
+            name = self._pick("classification", body.model)
+            task = self.tasks[self.adapters.get(name, name)]
+            rows = self._rows(TaskRequest(text=body.text, texts=body.texts), task)
+            preds = await self._predict(name, rows, body.return_all_scores, None)
             return ClassifyResponse(model=name, predictions=preds)
 
+        async def _predict(
+            self,
+            name: str,
+            rows: list[dict[str, Any]],
+            all_scores: bool,
+            parameters: GenerationParameters | None,
+        ) -> list[dict[str, Any]]:
+            base = self.adapters.get(name, name)
+            meta = self.metas[base]
+            if not _is_generator(meta):
+                handle = self.handles[base]
+                return list(
+                    await asyncio.gather(*(handle.predict.remote((r, all_scores)) for r in rows))
+                )
+            task = self.tasks[base]
+            tok = self.tokenizers[base]
+            prompts = [task.generation_prompt(r, tok) for r in rows]
+            for i, prompt in enumerate(prompts):
+                self._check_prompt(base, prompt, f"inputs.{i}" if len(prompts) > 1 else "input")
+            params = self._params(base, (parameters or GenerationParameters()).model_dump())
+            _, handle, adapter = self._generator(name)
+            if adapter:
+                handle = handle.options(multiplexed_model_id=adapter)
+            done = await asyncio.gather(*(handle.complete.remote(p, params) for p in prompts))
+            return task.decode([d["text"] for d in done], rows)
+
+        @api.post("/v1/tasks/{task}", response_model=TaskResponse)
+        async def run_task(self, task: str, body: TaskRequest, request: Request) -> TaskResponse:
+            """Any task family: rows in the family's schema → predictions in its output shape
+            (``taskray tasks`` lists the schemas)."""
+            from tasks import TASKS
+
+            self._auth(request)
+            if task not in TASKS:
+                known = ", ".join(sorted(TASKS))
+                raise HTTPException(404, f"unknown task '{task}' (known: {known})")
+            name = self._pick(task, body.model)
+            rows = self._rows(body, self.tasks[self.adapters.get(name, name)])
+            preds = await self._predict(name, rows, body.return_all_scores, body.parameters)
+            return TaskResponse(model=name, task=task, predictions=preds)
+
+        # ----- OpenAI-compatible ------------------------------------------------------------
+        def _openai_params(self, base: str, body: Any) -> dict[str, Any]:
+            return self._params(
+                base,
+                {
+                    "max_new_tokens": body.max_completion_tokens or body.max_tokens,
+                    "temperature": body.temperature,
+                    "top_p": body.top_p,
+                    "top_k": body.top_k,
+                    "stop": body.stop,
+                    "seed": body.seed,
+                },
+            )
+
+        @api.post("/v1/completions")
+        async def completions(self, body: CompletionRequest, request: Request) -> Any:
+            """OpenAI-compatible text completion (``stream: true`` for server-sent events)."""
+            self._auth(request)
+            base, handle, adapter = self._generator(body.model)
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if len(prompts) != 1:
+                raise HTTPException(422, "prompt: give one prompt per request")
+            prompt = prompts[0]
+            self._check_prompt(base, prompt, "prompt")
+            params = self._openai_params(base, body)
+            if adapter:
+                handle = handle.options(multiplexed_model_id=adapter)
+            rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+            if body.stream:
+                return self._sse(handle, prompt, params, rid, body.model, chat=False)
+            done = await handle.complete.remote(prompt, params)
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": done["text"],
+                        "finish_reason": done["finish_reason"],
+                        "logprobs": None,
+                    }
+                ],
+                "usage": _usage(done),
+            }
+
+        @api.post("/v1/chat/completions")
+        async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
+            """OpenAI-compatible chat (the model's chat template; ``stream: true`` for SSE)."""
+            self._auth(request)
+            base, handle, adapter = self._generator(body.model)
+            if len(body.messages) > limits.max_messages:
+                raise HTTPException(
+                    413,
+                    f"messages: {len(body.messages)} exceed limits.max_messages="
+                    f"{limits.max_messages}",
+                )
+            tok = self.tokenizers[base]
+            if not getattr(tok, "chat_template", None):
+                raise HTTPException(
+                    422, f"model '{body.model}' has no chat template; use /v1/completions"
+                )
+            messages = []
+            for i, m in enumerate(body.messages):
+                if isinstance(m.content, str):
+                    text = m.content
+                else:
+                    if any(p.type != "text" for p in m.content):
+                        raise HTTPException(
+                            422, f"messages.{i}.content: model '{body.model}' takes text only"
+                        )
+                    text = "".join(p.text or "" for p in m.content)
+                messages.append({"role": m.role, "content": text})
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            self._check_prompt(base, prompt, "messages")
+            params = self._openai_params(base, body)
+            if adapter:
+                handle = handle.options(multiplexed_model_id=adapter)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            if body.stream:
+                return self._sse(handle, prompt, params, rid, body.model, chat=True)
+            done = await handle.complete.remote(prompt, params)
+            return {
+                "id": rid,
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": done["text"]},
+                        "finish_reason": done["finish_reason"],
+                    }
+                ],
+                "usage": _usage(done),
+            }
+
+        def _sse(
+            self,
+            handle: DeploymentHandle,
+            prompt: str,
+            params: dict[str, Any],
+            rid: str,
+            model: str,
+            chat: bool,
+        ) -> StreamingResponse:
+            created = int(time.time())
+            kind = "chat.completion.chunk" if chat else "text_completion"
+
+            def chunk(text: str | None, finish: str | None, first: bool = False) -> str:
+                if chat:
+                    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                    if text:
+                        delta["content"] = text
+                    choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": text or "", "finish_reason": finish}
+                body = {"id": rid, "object": kind, "created": created, "model": model}
+                return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
+
+            async def events() -> Any:
+                try:
+                    if chat:
+                        yield chunk(None, None, first=True)
+                    stream = handle.options(stream=True).stream.remote(prompt, params)
+                    async for item in stream:
+                        if "text" in item:
+                            yield chunk(item["text"], None)
+                        else:
+                            yield chunk(None, item["done"]["finish_reason"])
+                except Exception as err:  # headers are sent: report in-band, then end
+                    log.exception("stream failed")
+                    message = str(err).strip().splitlines()[0] if str(err).strip() else "error"
+                    error = {"error": {"message": message[:300], "type": "error"}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
     return Ingress
+
+
+def _usage(done: dict[str, Any]) -> dict[str, int]:
+    return {
+        "prompt_tokens": done["prompt_tokens"],
+        "completion_tokens": done["completion_tokens"],
+        "total_tokens": done["prompt_tokens"] + done["completion_tokens"],
+    }
 
 
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder: ``args`` is an ``AppArgs`` mapping."""
     parsed = AppArgs.model_validate(args)
-    heads = {}
-    tasks = {}
+    handles = {}
+    metas = {}
     for spec in parsed.models:
-        heads[spec.name] = TaskHead.options(name=f"{spec.task}-{spec.name}").bind(spec.model_dump())
-        tasks[spec.name] = spec.task
-    return build_ingress(parsed).options(name="Ingress").bind(heads, tasks)
+        meta = describe_model(spec)
+        metas[spec.name] = meta
+        family = meta["task"]["name"]
+        if _is_generator(meta):
+            deployment = generator_class(spec.max_adapters)
+            handles[spec.name] = deployment.options(name=f"generator-{spec.name}").bind(
+                spec.model_dump()
+            )
+        else:
+            handles[spec.name] = TaskHead.options(name=f"{family}-{spec.name}").bind(
+                spec.model_dump()
+            )
+    return build_ingress(parsed).options(name="Ingress").bind(handles, metas)

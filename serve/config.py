@@ -2,22 +2,52 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pydantic import BaseModel, ConfigDict, Field
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
-class ServedModel(BaseModel):
-    """One model served for one task."""
+class GenerationDefaults(BaseModel):
+    """Generation settings used when a request leaves them out (hot-reloadable)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="model id")
-    task: Literal["classification"] = "classification"
-    bundle: str = Field(description="bundle directory (or a plain HF model directory)")
+    max_new_tokens: int = Field(default=64, ge=1)
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+
+
+class ServedModel(BaseModel):
+    """One model (a taskray bundle or a plain HF model directory) and what it serves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="model id (the request's `model`)")
+    bundle: str = Field(description="bundle directory, or a plain HF model directory")
+    task: str | None = Field(
+        default=None,
+        description="task family; a bundle's own task when omitted (plain directories: generation)",
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters over this base: request `model` name → adapter directory",
+    )
+    max_adapters: int = Field(default=4, ge=1, description="adapters held per replica (LRU)")
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=5)
+    generation: GenerationDefaults = GenerationDefaults()
     device: str = "auto"
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"adapter name {name!r} must match {NAME_PATTERN}")
+        return value
 
 
 class Limits(BaseModel):
@@ -28,6 +58,9 @@ class Limits(BaseModel):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     max_text_chars: int = Field(default=20_000, ge=1)
     max_batch_texts: int = Field(default=256, ge=1)
+    max_input_tokens: int = Field(default=4096, ge=1, description="prompt tokens (generators)")
+    max_new_tokens: int = Field(default=512, ge=1, description="largest max_tokens accepted")
+    max_messages: int = Field(default=256, ge=1, description="chat messages per request")
 
 
 class AppArgs(BaseModel):
@@ -42,3 +75,14 @@ class AppArgs(BaseModel):
         description="environment variable holding the API key; unset or empty = no auth",
     )
     api_key_file: str | None = Field(default=None, description="file holding the API key")
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, value: list[ServedModel]) -> list[ServedModel]:
+        seen: set[str] = set()
+        for model in value:
+            for name in [model.name, *model.adapters]:
+                if name in seen:
+                    raise ValueError(f"model or adapter name {name!r} is used twice")
+                seen.add(name)
+        return value

@@ -5,6 +5,8 @@ Pure pydantic (no Ray), so ``from serve.client import Client`` works on any mach
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 
@@ -35,12 +37,15 @@ class ClassifyResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
-    """A served model as ``/v1/models`` lists it."""
+    """A served model or adapter as ``/v1/models`` lists it (OpenAI's model object + task)."""
 
     id: str
     task: str
     labels: list[str] | None = None
     object: str = "model"
+    created: int = 0
+    owned_by: str = "taskray"
+    parent: str | None = Field(default=None, description="the base model of an adapter")
 
 
 class ModelList(BaseModel):
@@ -54,3 +59,89 @@ class ErrorBody(BaseModel):
     """Every error: one line naming what is wrong."""
 
     error: dict[str, str]
+
+
+# ----- task routes --------------------------------------------------------------------------
+class GenerationParameters(BaseModel):
+    """Sampling settings of generative task routes (defaults from the serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stop: list[StrictStr] | None = Field(default=None, max_length=4)
+    seed: int | None = None
+
+
+class TaskRequest(BaseModel):
+    """``POST /v1/tasks/{task}``: one row (``input``) or several (``inputs``) in the task's row
+    schema (``taskray tasks`` lists them); ``text``/``texts`` are shorthand for ``{"text": …}``
+    rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: dict[str, Any] | None = Field(default=None, description="one row")
+    inputs: list[dict[str, Any]] | None = Field(default=None, description="several rows")
+    text: StrictStr | None = Field(default=None, description="shorthand for input={'text': …}")
+    texts: list[StrictStr] | None = Field(default=None, description="several texts")
+    model: StrictStr | None = Field(default=None, description="which served model (optional)")
+    return_all_scores: StrictBool = Field(default=False, description="classification heads")
+    parameters: GenerationParameters | None = Field(default=None, description="generative tasks")
+
+
+class TaskResponse(BaseModel):
+    """Predictions in request order, each in the task family's output shape."""
+
+    model: str
+    task: str
+    predictions: list[dict[str, Any]]
+
+
+# ----- OpenAI-compatible ----------------------------------------------------------------------
+class _Sampling(BaseModel):
+    # OpenAI clients send fields taskray does not use (user, logprobs…): ignore, don't refuse.
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: int | None = None
+    stream: StrictBool = False
+    n: int = Field(default=1, ge=1, le=1, description="one choice per request")
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``."""
+
+    prompt: StrictStr | list[StrictStr]
+
+
+class ContentPart(BaseModel):
+    """A part of a chat message's content (text parts only for text models)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+    image_url: dict[str, Any] | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr | list[ContentPart]
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)

@@ -99,7 +99,7 @@ def test_concurrent_requests_form_batches(client, served):
         ({"text": 5}, 422, "text: Input should be a valid string"),
         ({"texts": []}, 422, "at least one"),
         ({"texts": ["ok", 3]}, 422, "texts.1"),
-        ({"text": "   "}, 422, "text: must not be empty"),
+        ({"text": "   "}, 422, "text: must be a non-empty string"),
         ({"text": "x" * (MAX_TEXT + 1)}, 413, "max_text_chars"),
         ({"texts": ["y" * 300] * 80}, 413, "max_body_bytes"),
         ({"text": "ok", "colour": "red"}, 422, "colour"),

@@ -1,0 +1,294 @@
+"""The generator deployment: a causal or seq2seq LM (a bundle or a plain HF model directory)
+with LoRA adapters multiplexed per request, batched non-streaming generation and token
+streaming.
+
+Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
+adapter to replicas that already hold it and evicts the least recently used one past
+``max_adapters``); they live as named PEFT adapters on one shared base model.
+"""
+
+import asyncio
+import os
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from actors.generation import Completion, SamplingParams, generate_batch, stream_generate
+from serve.config import ServedModel
+
+
+def load_generative(path: str, task_name: str | None, device: str) -> dict[str, Any]:
+    """A bundle or a plain HF model directory → task, model, tokenizer, kind."""
+    import transformers
+
+    from actors.bundle import MANIFEST, load_bundle
+    from actors.modeling import resolve_model_path
+    from tasks import get_task
+
+    resolved = Path(resolve_model_path(path))
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"model directory not found: {resolved}")
+    if (resolved / MANIFEST).is_file():
+        bundle = load_bundle(resolved, device=device)
+        kind = bundle.task.model_kind
+        return {"task": bundle.task, "model": bundle.model, "tokenizer": bundle.tokenizer,
+                "kind": kind}  # fmt: skip
+    from actors.bundle import check_safetensors_only
+
+    check_safetensors_only(resolved)
+    config = transformers.AutoConfig.from_pretrained(str(resolved))
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(str(resolved), use_safetensors=True).to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolved))
+    task = get_task(task_name or "generation")
+    return {"task": task, "model": model, "tokenizer": tokenizer,
+            "kind": "seq2seq_lm" if seq2seq else "causal_lm"}  # fmt: skip
+
+
+class _AdapterRef:
+    """What ``@serve.multiplexed`` caches per adapter; Serve calls ``__del__`` on eviction,
+    which removes the adapter's weights from the shared base."""
+
+    def __init__(self, owner: "GeneratorBase", name: str) -> None:
+        self.owner, self.name = owner, name
+
+    def __del__(self) -> None:
+        # Serve calls this on eviction and Python calls it again at garbage collection, maybe
+        # after the adapter was loaded anew under the same name: only the first call unloads.
+        owner, self.owner = getattr(self, "owner", None), None
+        if owner is not None:
+            owner._unload_adapter(self.name)
+
+
+class GeneratorBase:
+    """Holds the model; subclasses created by ``generator_class`` add the Serve decorators."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        import torch
+
+        self.spec = ServedModel.model_validate(spec)
+        device = self.spec.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        loaded = load_generative(self.spec.bundle, self.spec.task, device)
+        self.task, self.model, self.tokenizer = loaded["task"], loaded["model"], loaded["tokenizer"]
+        self.seq2seq = loaded["kind"] == "seq2seq_lm"
+        # One generate at a time per replica: adapters switch on the shared base, and CPU
+        # threads are better spent inside one batched call than across competing ones.
+        self.lock = threading.Lock()
+        self.loaded_adapters: list[str] = []
+        self.batch_sizes: Counter[int] = Counter()
+        self.defaults = self.spec.generation
+        self.generate.set_max_batch_size(self.spec.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+
+    # ----- adapters -------------------------------------------------------------------------
+    def _load_adapter(self, name: str) -> None:
+        from peft import PeftModel
+
+        path = self.spec.adapters[name]
+        with self.lock:
+            if name in self.loaded_adapters:
+                return
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+            self.loaded_adapters.append(name)
+
+    def _unload_adapter(self, name: str) -> None:
+        with self.lock:
+            if name not in self.loaded_adapters:
+                return
+            self.loaded_adapters.remove(name)
+            if self.loaded_adapters:
+                self.model.delete_adapter(name)
+            else:  # the last one: back to the plain base (PEFT can't hold zero adapters)
+                self.model = self.model.unload()
+
+    async def _adapter_for_request(self) -> str | None:
+        name = serve.get_multiplexed_model_id()
+        if not name or name == self.spec.name:
+            return None
+        await self.get_adapter(name)
+        return name
+
+    def _run(self, adapter: str | None, fn: Any) -> Any:
+        """Call ``fn`` with the right adapter active (caller holds the lock)."""
+        import contextlib
+
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            if adapter is None:
+                ctx = self.model.disable_adapter()
+            else:
+                if adapter not in self.loaded_adapters:  # evicted meanwhile: reload
+                    self.model.load_adapter(self.spec.adapters[adapter], adapter_name=adapter)
+                    self.loaded_adapters.append(adapter)
+                self.model.set_adapter(adapter)
+                ctx = contextlib.nullcontext()
+            with ctx:
+                return fn()
+        if adapter is not None:
+            raise RuntimeError(f"adapter '{adapter}' is not loaded")
+        return fn()
+
+    # ----- info -----------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What ``/v1/models`` shows of this model."""
+        return {
+            "id": self.spec.name,
+            "task": self.task.name,
+            "adapters": sorted(self.spec.adapters),
+            "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+        }
+
+    def ready(self) -> bool:
+        """The replica exists only once its model is loaded."""
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        """Batch sizes run and adapters held (for tests and tuning)."""
+        return {"batch_sizes": dict(self.batch_sizes), "adapters": list(self.loaded_adapters)}
+
+    def check_health(self) -> None:
+        """Serve's periodic probe."""
+        if self.model is None:
+            raise RuntimeError("model not loaded")
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Hot settings from the Serve config's ``user_config``: batching and defaults."""
+        if "max_batch_size" in user_config:
+            self.generate.set_max_batch_size(int(user_config["max_batch_size"]))
+        if "batch_wait_timeout_s" in user_config:
+            self.generate.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+        if "generation" in user_config:
+            self.defaults = self.defaults.model_copy(update=user_config["generation"])
+
+    # ----- prompts --------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
+        """The tokenizer's chat template with the assistant turn opened."""
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+
+    def task_prompts(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The prompts this model was trained with for its task's rows."""
+        return [self.task.generation_prompt(r, self.tokenizer) for r in rows]
+
+    def decode_task(self, texts: list[str], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Generated texts → the task's output shape."""
+        return self.task.decode(texts, rows)
+
+    def count_tokens(self, text: str) -> int:
+        """Prompt length in tokens (limits are checked by the ingress before generation)."""
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # ----- generation -----------------------------------------------------------------------
+    async def complete(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+        """One prompt → one completion; concurrent calls are batched by ``generate``."""
+        adapter = await self._adapter_for_request()
+        result: Completion = await self.generate((prompt, SamplingParams(**params), adapter))
+        return result.__dict__
+
+    async def generate(self, items: list[tuple[str, SamplingParams, str | None]]) -> list[Any]:
+        """Batched: items with the same params and adapter share one ``generate`` call."""
+        self.batch_sizes[len(items)] += 1
+        groups: dict[tuple[SamplingParams, str | None], list[int]] = {}
+        for i, (_, params, adapter) in enumerate(items):
+            groups.setdefault((params, adapter), []).append(i)
+        out: list[Any] = [None] * len(items)
+
+        def work() -> None:
+            with self.lock:
+                for (params, adapter), idx in groups.items():
+                    prompts = [items[i][0] for i in idx]
+                    done = self._run(
+                        adapter,
+                        lambda p=prompts, s=params: generate_batch(
+                            self.model, self.tokenizer, p, s, self.seq2seq
+                        ),
+                    )
+                    for i, completion in zip(idx, done, strict=True):
+                        out[i] = completion
+
+        await asyncio.to_thread(work)
+        return out
+
+    async def stream(self, prompt: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Text pieces as they are generated, then ``{"done": Completion}``."""
+        adapter = await self._adapter_for_request()
+        sampling = SamplingParams(**params)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        sentinel = object()
+
+        def produce() -> None:
+            try:
+                with self.lock:
+                    pieces = self._run(
+                        adapter,
+                        lambda: list(
+                            _forward(
+                                stream_generate(
+                                    self.model, self.tokenizer, prompt, sampling, self.seq2seq
+                                ),
+                                loop,
+                                queue,
+                            )
+                        ),
+                    )
+                del pieces
+            except Exception as err:
+                loop.call_soon_threadsafe(queue.put_nowait, err)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, sentinel)
+
+        task = loop.run_in_executor(None, produce)
+        while True:
+            item = await queue.get()
+            if item is sentinel:
+                break
+            if isinstance(item, Exception):
+                raise item
+            if isinstance(item, Completion):
+                yield {"done": item.__dict__}
+            else:
+                yield {"text": item}
+        await task
+
+
+def _forward(pieces: Any, loop: Any, queue: asyncio.Queue) -> Any:
+    """Hand each streamed piece to the event loop as soon as it exists."""
+    for piece in pieces:
+        loop.call_soon_threadsafe(queue.put_nowait, piece)
+        yield None
+
+
+def generator_class(max_adapters: int) -> Any:
+    """The Serve deployment class, with ``max_adapters`` adapters per replica."""
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+    class Generator(GeneratorBase):
+        """A generative model behind the ingress (see the module docstring)."""
+
+        @serve.multiplexed(max_num_models_per_replica=max_adapters)
+        async def get_adapter(self, name: str) -> _AdapterRef:
+            """Load an adapter on first use (Serve keeps the ``max_adapters`` most recent)."""
+            await asyncio.to_thread(self._load_adapter, name)
+            return _AdapterRef(self, name)
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def generate(self, items: list[tuple[str, SamplingParams, str | None]]) -> list:
+            """Batched generation (see ``GeneratorBase.generate``)."""
+            return await GeneratorBase.generate(self, items)
+
+    return Generator
