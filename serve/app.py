@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from serve.config import AppArgs, Limits, ServedModel
+from serve.config import AppArgs, Limits, ServedModel, replica_threads
 from serve.generator import generator_class
 from serve.schemas import (
     ChatRequest,
@@ -63,7 +63,7 @@ class TaskHead:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         # Replicas share the node's cores with each other and with Ray itself.
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(replica_threads(self.spec.num_cpus))
         self.bundle = load_bundle(self.spec.bundle, device=device)
         self.batch_sizes: Counter[int] = Counter()
         self.predict.set_max_batch_size(self.spec.max_batch_size)
@@ -235,12 +235,17 @@ def build_ingress(args: AppArgs) -> Any:
         ) -> None:
             from transformers import AutoTokenizer
 
-            from tasks import task_from_spec
+            from tasks import get_task, task_from_spec
 
             self.handles = handles
             self.metas = metas
             self.specs = {m.name: m for m in args.models}
             self.tasks = {name: task_from_spec(meta["task"]) for name, meta in metas.items()}
+            # family → Task for every family a model answers (its own + also_serves).
+            self.families: dict[str, dict[str, Any]] = {
+                name: {t.name: t, **{f: get_task(f) for f in self.specs[name].also_serves}}
+                for name, t in self.tasks.items()
+            }
             # Tokenizers (small) live here too: prompts are built and token limits checked
             # before any request reaches a model.
             self.tokenizers = {
@@ -266,11 +271,11 @@ def build_ingress(args: AppArgs) -> Any:
             """The served model for ``task``: the named one, or the first that serves it."""
             if model is not None:
                 base = self.adapters.get(model, model)
-                if base not in self.tasks or self.tasks[base].name != task:
+                if base not in self.families or task not in self.families[base]:
                     raise HTTPException(404, f"model '{model}' does not serve task '{task}'")
                 return model
-            for name, t in self.tasks.items():
-                if t.name == task:
+            for name, families in self.families.items():
+                if task in families:
                     return name
             raise HTTPException(404, f"no model serves task '{task}'")
 
@@ -397,9 +402,10 @@ def build_ingress(args: AppArgs) -> Any:
             self._auth(request)
             cards = []
             for name, task in self.tasks.items():
-                cards.append(ModelCard(id=name, task=task.name, labels=task.labels))
+                also = list(self.specs[name].also_serves) or None
+                cards.append(ModelCard(id=name, task=task.name, labels=task.labels, also=also))
                 for adapter in self.specs[name].adapters:
-                    cards.append(ModelCard(id=adapter, task=task.name, parent=name))
+                    cards.append(ModelCard(id=adapter, task=task.name, parent=name, also=also))
             return ModelList(data=cards)
 
         # ----- task routes ------------------------------------------------------------------
@@ -414,17 +420,18 @@ def build_ingress(args: AppArgs) -> Any:
             if (body.text is None) == (body.texts is None):
                 raise HTTPException(422, "give exactly one of 'text' or 'texts'")
             name = self._pick("classification", body.model)
-            task = self.tasks[self.adapters.get(name, name)]
+            task = self.families[self.adapters.get(name, name)]["classification"]
             rows = self._rows(TaskRequest(text=body.text, texts=body.texts), task)
-            preds = await self._predict(name, rows, body.return_all_scores, None)
+            preds = await self._predict(name, "classification", rows, body.return_all_scores)
             return ClassifyResponse(model=name, predictions=preds)
 
         async def _predict(
             self,
             name: str,
+            family: str,
             rows: list[dict[str, Any]],
-            all_scores: bool,
-            parameters: GenerationParameters | None,
+            all_scores: bool = False,
+            parameters: GenerationParameters | None = None,
         ) -> list[dict[str, Any]]:
             base = self.adapters.get(name, name)
             meta = self.metas[base]
@@ -433,7 +440,7 @@ def build_ingress(args: AppArgs) -> Any:
                 return list(
                     await asyncio.gather(*(handle.predict.remote((r, all_scores)) for r in rows))
                 )
-            task = self.tasks[base]
+            task = self.families[base][family]
             tok = self.tokenizers[base]
             prompts = [task.generation_prompt(r, tok) for r in rows]
             for i, prompt in enumerate(prompts):
@@ -456,8 +463,8 @@ def build_ingress(args: AppArgs) -> Any:
                 known = ", ".join(sorted(TASKS))
                 raise HTTPException(404, f"unknown task '{task}' (known: {known})")
             name = self._pick(task, body.model)
-            rows = self._rows(body, self.tasks[self.adapters.get(name, name)])
-            preds = await self._predict(name, rows, body.return_all_scores, body.parameters)
+            rows = self._rows(body, self.families[self.adapters.get(name, name)][task])
+            preds = await self._predict(name, task, rows, body.return_all_scores, body.parameters)
             return TaskResponse(model=name, task=task, predictions=preds)
 
         # ----- OpenAI-compatible ------------------------------------------------------------
@@ -613,6 +620,8 @@ def _usage(done: dict[str, Any]) -> dict[str, int]:
 
 def build_app(args: dict[str, Any]) -> Any:
     """Serve application builder: ``args`` is an ``AppArgs`` mapping."""
+    from tasks import get_task
+
     parsed = AppArgs.model_validate(args)
     handles = {}
     metas = {}
@@ -620,13 +629,23 @@ def build_app(args: dict[str, Any]) -> Any:
         meta = describe_model(spec)
         metas[spec.name] = meta
         family = meta["task"]["name"]
+        resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
         if _is_generator(meta):
+            for extra in spec.also_serves:
+                if get_task(extra).model_kind not in GENERATIVE_KINDS:
+                    raise ValueError(
+                        f"model '{spec.name}': also_serves '{extra}' is not a generative task"
+                    )
             deployment = generator_class(spec.max_adapters)
-            handles[spec.name] = deployment.options(name=f"generator-{spec.name}").bind(
-                spec.model_dump()
-            )
+            handles[spec.name] = deployment.options(
+                name=f"generator-{spec.name}", ray_actor_options=resources
+            ).bind(spec.model_dump())
         else:
-            handles[spec.name] = TaskHead.options(name=f"{family}-{spec.name}").bind(
-                spec.model_dump()
-            )
+            if spec.also_serves or spec.adapters:
+                raise ValueError(
+                    f"model '{spec.name}': also_serves and adapters apply to generators only"
+                )
+            handles[spec.name] = TaskHead.options(
+                name=f"{family}-{spec.name}", ray_actor_options=resources
+            ).bind(spec.model_dump())
     return build_ingress(parsed).options(name="Ingress").bind(handles, metas)

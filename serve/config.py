@@ -29,6 +29,13 @@ class ServedModel(BaseModel):
         default=None,
         description="task family; a bundle's own task when omitted (plain directories: generation)",
     )
+    also_serves: list[str] = Field(
+        default_factory=list,
+        description="more generative task families this generator answers, each prompted with "
+        "its family's template (e.g. an instruct model serving summarization and translation)",
+    )
+    num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per replica")
     adapters: dict[str, str] = Field(
         default_factory=dict,
         description="LoRA adapters over this base: request `model` name → adapter directory",
@@ -86,3 +93,11 @@ class AppArgs(BaseModel):
                     raise ValueError(f"model or adapter name {name!r} is used twice")
                 seen.add(name)
         return value
+
+
+def replica_threads(num_cpus: float) -> int:
+    """Torch threads of a replica: the cores it reserves (at least one). More threads than
+    reserved cores spin-wait on cores that the proxy, the ingress and other replicas need."""
+    import os
+
+    return max(1, min(int(num_cpus), os.cpu_count() or 1))

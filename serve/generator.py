@@ -8,7 +8,6 @@ adapter to replicas that already hold it and evicts the least recently used one 
 """
 
 import asyncio
-import os
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from actors.generation import Completion, SamplingParams, generate_batch, stream_generate
-from serve.config import ServedModel
+from serve.config import ServedModel, replica_threads
 
 
 def load_generative(path: str, task_name: str | None, device: str) -> dict[str, Any]:
@@ -75,7 +74,7 @@ class GeneratorBase:
         device = self.spec.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(replica_threads(self.spec.num_cpus))
         loaded = load_generative(self.spec.bundle, self.spec.task, device)
         self.task, self.model, self.tokenizer = loaded["task"], loaded["model"], loaded["tokenizer"]
         self.seq2seq = loaded["kind"] == "seq2seq_lm"

@@ -46,6 +46,7 @@ class ModelCard(BaseModel):
     created: int = 0
     owned_by: str = "taskray"
     parent: str | None = Field(default=None, description="the base model of an adapter")
+    also: list[str] | None = Field(default=None, description="more task families it serves")
 
 
 class ModelList(BaseModel):
