@@ -34,9 +34,13 @@ from serve.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     CompletionRequest,
+    EmbeddingsRequest,
     GenerationParameters,
     ModelCard,
     ModelList,
+    RagRequest,
+    RetrieveRequest,
+    RetrieveResponse,
     TaskRequest,
     TaskResponse,
 )
@@ -231,7 +235,11 @@ def build_ingress(args: AppArgs) -> Any:
         """HTTP front door: validates, authenticates, and fans out to the model deployments."""
 
         def __init__(
-            self, handles: dict[str, DeploymentHandle], metas: dict[str, dict[str, Any]]
+            self,
+            handles: dict[str, DeploymentHandle],
+            metas: dict[str, dict[str, Any]],
+            retriever: DeploymentHandle | None = None,
+            rag: DeploymentHandle | None = None,
         ) -> None:
             from transformers import AutoTokenizer
 
@@ -239,6 +247,8 @@ def build_ingress(args: AppArgs) -> Any:
 
             self.handles = handles
             self.metas = metas
+            self.retriever = retriever
+            self.rag = rag
             self.specs = {m.name: m for m in args.models}
             self.tasks = {name: task_from_spec(meta["task"]) for name, meta in metas.items()}
             # family → Task for every family a model answers (its own + also_serves).
@@ -387,8 +397,13 @@ def build_ingress(args: AppArgs) -> Any:
                 except Exception:
                     return False
 
-            names = list(self.handles)
-            results = await asyncio.gather(*(probe(self.handles[n]) for n in names))
+            probes = dict(self.handles)
+            if self.retriever is not None:
+                probes["retriever"] = self.retriever
+            if self.rag is not None:
+                probes["rag"] = self.rag
+            names = list(probes)
+            results = await asyncio.gather(*(probe(probes[n]) for n in names))
             status = dict(zip(names, results, strict=True))
             return JSONResponse(
                 status_code=200 if all(results) else 503,
@@ -565,6 +580,99 @@ def build_ingress(args: AppArgs) -> Any:
                 "usage": _usage(done),
             }
 
+        # ----- retrieval and RAG ------------------------------------------------------------
+        def _need(self, handle: DeploymentHandle | None, what: str) -> DeploymentHandle:
+            if handle is None:
+                raise HTTPException(
+                    404, f"{what} is not configured on this server (see retrieval in the config)"
+                )
+            return handle
+
+        @api.post("/v1/retrieve", response_model=RetrieveResponse)
+        async def retrieve(self, body: RetrieveRequest, request: Request) -> RetrieveResponse:
+            """Top-k passages of the index with scores, document ids and character spans."""
+            self._auth(request)
+            retriever = self._need(self.retriever, "retrieval")
+            self._text_limit(body.query, "query")
+            try:
+                passages = await retriever.retrieve.remote(body.query, body.k, body.filters)
+            except ValueError as err:
+                raise HTTPException(422, _first_line(err)) from None
+            return RetrieveResponse(passages=passages)
+
+        @api.post("/v1/embeddings")
+        async def embeddings(self, body: EmbeddingsRequest, request: Request) -> Any:
+            """OpenAI-compatible embeddings from the retriever's (normalised) embedder."""
+            self._auth(request)
+            retriever = self._need(self.retriever, "retrieval")
+            texts = [body.input] if isinstance(body.input, str) else list(body.input)
+            if not texts:
+                raise HTTPException(422, "input: must hold at least one text")
+            if len(texts) > limits.max_batch_texts:
+                raise HTTPException(
+                    413,
+                    f"input: {len(texts)} items exceed limits.max_batch_texts="
+                    f"{limits.max_batch_texts}",
+                )
+            for i, text in enumerate(texts):
+                self._text_limit(text, "input" if isinstance(body.input, str) else f"input.{i}")
+            vectors, info = await asyncio.gather(
+                retriever.embed.remote(texts), retriever.info.remote()
+            )
+            words = sum(len(t.split()) for t in texts)
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "object": "embedding",
+                        "index": i,
+                        "embedding": _encode(v, body.encoding_format),
+                    }
+                    for i, v in enumerate(vectors)
+                ],
+                "model": info["model"],
+                "usage": {"prompt_tokens": words, "total_tokens": words},
+            }
+
+        @api.post("/v1/rag")
+        async def rag_answer(self, body: RagRequest, request: Request) -> Any:
+            """Retrieve → cited prompt → generate (or extractive read), with sources and
+            per-stage timings; ``stream: true`` sends passages, text pieces, then the rest."""
+            self._auth(request)
+            rag = self._need(self.rag, "RAG")
+            self._text_limit(body.question, "question")
+            generator = (
+                args.retrieval.rag.generator if args.retrieval and args.retrieval.rag else None
+            )
+            params = None
+            if generator is not None:
+                params = self._params(
+                    generator, (body.parameters or GenerationParameters()).model_dump()
+                )
+            elif body.parameters is not None:
+                raise HTTPException(422, "parameters: this RAG pipeline has no generator")
+            if body.stream:
+                if body.mode != "generate" or generator is None:
+                    raise HTTPException(422, "stream: only the generate mode streams")
+                stream = rag.options(stream=True).stream.remote(
+                    body.question, body.k, body.filters, params
+                )
+                return StreamingResponse(_rag_events(stream), media_type="text/event-stream")
+            try:
+                return await rag.answer.remote(
+                    body.question, body.k, body.filters, body.mode, params
+                )
+            except ValueError as err:
+                raise HTTPException(422, _first_line(err)) from None
+
+        def _text_limit(self, text: str, where: str) -> None:
+            if len(text) > limits.max_text_chars:
+                raise HTTPException(
+                    413,
+                    f"{where}: {len(text)} characters exceed limits.max_text_chars="
+                    f"{limits.max_text_chars}",
+                )
+
         def _sse(
             self,
             handle: DeploymentHandle,
@@ -610,6 +718,37 @@ def build_ingress(args: AppArgs) -> Any:
     return Ingress
 
 
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    """OpenAI's embedding encodings: a float list, or base64 of little-endian float32 (what
+    the official client asks for by default)."""
+    if encoding == "float":
+        return vector
+    import base64
+
+    import numpy as np
+
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _first_line(err: BaseException) -> str:
+    """A replica's exception as one line: Ray re-raises it as a subclass that carries the
+    original as ``cause`` (its own ``str`` holds a traceback)."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip()
+    return (text.splitlines()[0] if text else type(cause).__name__)[:300]
+
+
+async def _rag_events(stream: Any) -> Any:
+    """Server-sent events of a streamed RAG answer, ending with ``[DONE]``."""
+    try:
+        async for item in stream:
+            yield f"data: {json.dumps(item)}\n\n"
+    except Exception as err:  # headers are sent: report in-band, then end
+        error = {"error": {"message": _first_line(err), "type": "error"}}
+        yield f"data: {json.dumps(error)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
 def _usage(done: dict[str, Any]) -> dict[str, int]:
     return {
         "prompt_tokens": done["prompt_tokens"],
@@ -648,4 +787,38 @@ def build_app(args: dict[str, Any]) -> Any:
             handles[spec.name] = TaskHead.options(
                 name=f"{family}-{spec.name}", ray_actor_options=resources
             ).bind(spec.model_dump())
-    return build_ingress(parsed).options(name="Ingress").bind(handles, metas)
+    retriever = rag = None
+    if parsed.retrieval is not None:
+        from serve.rag import RagPipeline
+        from serve.retriever import Retriever
+
+        r = parsed.retrieval
+        retriever = Retriever.options(
+            name="retriever", ray_actor_options={"num_cpus": r.num_cpus}
+        ).bind(r.embedder, r.qdrant, r.default_k, r.max_k)
+        if r.rag is not None:
+            gen = r.rag.generator
+            by_name = {m.name: m for m in parsed.models}
+            for role, name in (("generator", gen), ("reader", r.rag.reader)):
+                if name is None:
+                    continue
+                kind_ok = _is_generator(metas[name]) == (role == "generator")
+                if not kind_ok or (
+                    role == "reader" and metas[name]["task"]["name"] != "extractive_qa"
+                ):
+                    raise ValueError(f"retrieval.rag.{role}: '{name}' cannot be the {role}")
+            rag = RagPipeline.options(
+                name="rag", ray_actor_options={"num_cpus": r.rag.num_cpus}
+            ).bind(
+                retriever,
+                handles[gen] if gen else None,
+                handles[r.rag.reader] if r.rag.reader else None,
+                metas[gen]["path"] if gen else None,
+                r.rag.passage_budget,
+                r.default_k,
+                r.max_k,
+                by_name[gen].generation.model_dump() if gen else None,
+                parsed.limits.max_new_tokens,
+                r.rag.chat,
+            )
+    return build_ingress(parsed).options(name="Ingress").bind(handles, metas, retriever, rag)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
@@ -70,18 +72,64 @@ class Limits(BaseModel):
     max_messages: int = Field(default=256, ge=1, description="chat messages per request")
 
 
+class RagArgs(BaseModel):
+    """The ``/v1/rag`` pipeline: which served models generate and/or read."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator: str | None = Field(default=None, description="a served generator's name")
+    reader: str | None = Field(default=None, description="a served extractive_qa head's name")
+    passage_budget: int = Field(default=384, ge=16, description="prompt tokens of passages")
+    chat: bool = Field(default=False, description="wrap the RAG prompt in the chat template")
+    num_cpus: float = Field(default=0.25, gt=0)
+
+
+class RetrievalArgs(BaseModel):
+    """The retriever deployment (``/v1/retrieve``, ``/v1/embeddings``) and optional RAG."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    qdrant: dict[str, Any] = Field(
+        default_factory=dict,
+        description="collection, path (local folder) or url (+ api_key_env) of the index",
+    )
+    embedder: str | None = Field(
+        default=None, description="embedding model; None = the model the collection records"
+    )
+    default_k: int = Field(default=5, ge=1)
+    max_k: int = Field(default=50, ge=1)
+    num_cpus: float = Field(default=0.5, gt=0)
+    rag: RagArgs | None = None
+
+
 class AppArgs(BaseModel):
     """Everything the application builder needs."""
 
     model_config = ConfigDict(extra="forbid")
 
-    models: list[ServedModel] = Field(min_length=1)
+    models: list[ServedModel] = Field(default_factory=list)
     limits: Limits = Limits()
     api_key_env: str | None = Field(
         default="TASKRAY_API_KEY",
         description="environment variable holding the API key; unset or empty = no auth",
     )
     api_key_file: str | None = Field(default=None, description="file holding the API key")
+    retrieval: RetrievalArgs | None = Field(default=None, description="retrieval and RAG")
+
+    @model_validator(mode="after")
+    def _something_to_serve(self) -> AppArgs:
+        if not self.models and self.retrieval is None:
+            raise ValueError("models: serve at least one model (or configure retrieval)")
+        rag = self.retrieval.rag if self.retrieval else None
+        if rag is not None:
+            names = {m.name for m in self.models}
+            for role in ("generator", "reader"):
+                name = getattr(rag, role)
+                if name is not None and name not in names:
+                    raise ValueError(f"retrieval.rag.{role}: no served model named {name!r}")
+            if rag.generator is None and rag.reader is None:
+                raise ValueError("retrieval.rag: name a generator, a reader, or both")
+        return self
 
     @field_validator("models")
     @classmethod

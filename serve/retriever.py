@@ -197,6 +197,10 @@ class Retriever:
             raise ValueError("texts: must be a list of strings")
         return list(await asyncio.gather(*(self._embed_batched((t, "document")) for t in texts)))
 
+    def ready(self) -> bool:
+        """The replica exists only once the embedder and the collection are open."""
+        return True
+
     def info(self) -> dict[str, Any]:
         """Model, dimension and collection (for a models listing)."""
         return {

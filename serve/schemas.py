@@ -146,3 +146,43 @@ class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+
+
+# ----- retrieval and RAG --------------------------------------------------------------------
+class RetrieveRequest(BaseModel):
+    """``POST /v1/retrieve``: top-``k`` passages for ``query`` (optional payload filters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr = Field(min_length=1)
+    k: int | None = Field(default=None, ge=1)
+    filters: dict[str, Any] | None = Field(default=None, description="payload field → value")
+
+
+class RetrieveResponse(BaseModel):
+    """Passages, best first, each with its score, document id and character span."""
+
+    passages: list[dict[str, Any]]
+
+
+class EmbeddingsRequest(BaseModel):
+    """``POST /v1/embeddings`` (OpenAI-compatible)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: StrictStr | list[StrictStr]
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+
+class RagRequest(BaseModel):
+    """``POST /v1/rag``: a question answered from the index, with cited sources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    question: StrictStr = Field(min_length=1)
+    k: int | None = Field(default=None, ge=1)
+    filters: dict[str, Any] | None = None
+    mode: Literal["generate", "extractive"] = "generate"
+    stream: StrictBool = False
+    parameters: GenerationParameters | None = None
