@@ -77,6 +77,9 @@ def in_cluster_serve_config(source: dict[str, Any]) -> dict[str, Any]:
             bundle = model.get("bundle")
             if bundle and not PurePosixPath(bundle).is_absolute():
                 model["bundle"] = str(PurePosixPath(APP_DIR) / bundle)
+            for name, adapter in (model.get("adapters") or {}).items():
+                if not PurePosixPath(adapter).is_absolute():
+                    model["adapters"][name] = str(PurePosixPath(APP_DIR) / adapter)
     return cfg
 
 

@@ -35,22 +35,36 @@ def load_serve_config(path: str, port: int | None = None) -> Any:
                 loc = ".".join(str(p) for p in first.get("loc", ()))
                 raise ConfigError(f"{path}: args.{loc}: {first.get('msg')}") from None
             for model in args.get("models", []):
-                bundle = Path(model["bundle"]).expanduser()
-                if not bundle.is_absolute():
-                    # Replicas do not run in this directory: anchor paths here.
-                    bundle = bundle.resolve()
-                if not bundle.is_dir():
-                    raise ConfigError(
-                        f"{path}: bundle for model '{model.get('name')}' not found: {bundle} "
-                        "(train one with `taskray train` or fix the path)"
-                    )
-                model["bundle"] = str(bundle)
+                model["bundle"] = _local_dir(
+                    path, model["bundle"], f"bundle for model '{model.get('name')}'"
+                )
+                for name, adapter in (model.get("adapters") or {}).items():
+                    model["adapters"][name] = _local_dir(path, adapter, f"adapter '{name}'")
+            qdrant = (args.get("retrieval") or {}).get("qdrant") or {}
+            if qdrant.get("path") and not Path(qdrant["path"]).expanduser().is_absolute():
+                qdrant["path"] = str(Path(qdrant["path"]).expanduser().resolve())
     try:
         return ServeDeploySchema.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         loc = ".".join(str(p) for p in first.get("loc", ()))
         raise ConfigError(f"{path}: {loc}: {first.get('msg')} (Ray Serve config schema)") from None
+
+
+def _local_dir(config_path: str, value: str, what: str) -> str:
+    """A bundle or adapter directory, anchored here when relative (replicas do not run in
+    this directory); model names that resolve locally (``tiny:…``, MiniLM) pass through."""
+    from actors.modeling import resolve_model_path
+
+    directory = Path(resolve_model_path(value)).expanduser()
+    if not directory.is_absolute():
+        directory = directory.resolve()
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{config_path}: {what} not found: {directory} "
+            "(train one with `taskray train` or fix the path)"
+        )
+    return str(directory)
 
 
 def base_url(config: Any) -> str:

@@ -314,6 +314,8 @@ def build_ingress(args: AppArgs) -> Any:
                 )
             stop = out.get("stop") or ()
             out["stop"] = tuple([stop] if isinstance(stop, str) else stop)
+            if len(out["stop"]) > 4:
+                raise HTTPException(422, f"stop: at most 4 sequences, got {len(out['stop'])}")
             return out
 
         def _check_prompt(self, base: str, prompt: str, where: str) -> None:

@@ -307,6 +307,38 @@ class Client(_Routes):
             return self._stream("/v1/chat/completions", body, chat=True)
         return _generated(self._request("POST", "/v1/chat/completions", body), chat=True)
 
+    def retrieve(
+        self, query: str, *, k: int | None = None, filters: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """``/v1/retrieve``: passages best first (id, doc_id, title, text, start, end, score)."""
+        body = {"query": query, "k": k, "filters": filters}
+        data = self._request("POST", "/v1/retrieve", {k_: v for k_, v in body.items() if v})
+        return data["passages"]
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """``/v1/embeddings``: one normalised vector per text, in order."""
+        data = self._request("POST", "/v1/embeddings", {"input": list(texts)})
+        return [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
+
+    def rag(
+        self,
+        question: str,
+        *,
+        k: int | None = None,
+        filters: dict[str, Any] | None = None,
+        mode: str = "generate",
+        **params: Any,
+    ) -> dict[str, Any]:
+        """``/v1/rag``: the answer, its cited passages and per-stage timings."""
+        body: dict[str, Any] = {"question": question, "mode": mode}
+        if k is not None:
+            body["k"] = k
+        if filters:
+            body["filters"] = filters
+        if params:
+            body["parameters"] = params
+        return self._request("POST", "/v1/rag", body)
+
     def _stream(self, path: str, body: dict[str, Any], chat: bool) -> Iterator[str]:
         with self._http.stream("POST", path, json=body) as response:
             if response.status_code >= 400:

@@ -5,7 +5,7 @@ Pure pydantic (no Ray), so ``from serve.client import Client`` works on any mach
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -62,6 +62,11 @@ class ErrorBody(BaseModel):
     error: dict[str, str]
 
 
+MAX_SEED = 2**32 - 1
+#: A stop sequence: non-empty (an empty one would stop everything) and short.
+StopString = Annotated[str, Field(strict=True, min_length=1, max_length=64)]
+
+
 # ----- task routes --------------------------------------------------------------------------
 class GenerationParameters(BaseModel):
     """Sampling settings of generative task routes (defaults from the serve config)."""
@@ -72,8 +77,8 @@ class GenerationParameters(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
-    stop: list[StrictStr] | None = Field(default=None, max_length=4)
-    seed: int | None = None
+    stop: list[StopString] | None = Field(default=None, max_length=4)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
 class TaskRequest(BaseModel):
@@ -111,8 +116,8 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: StrictBool = False
     n: int = Field(default=1, ge=1, le=1, description="one choice per request")
 
@@ -120,7 +125,10 @@ class _Sampling(BaseModel):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``."""
 
-    prompt: StrictStr | list[StrictStr]
+    prompt: (
+        Annotated[str, Field(strict=True, min_length=1)]
+        | list[Annotated[str, Field(strict=True, min_length=1)]]
+    )
 
 
 class ContentPart(BaseModel):

@@ -11,6 +11,8 @@ import httpx
 import pytest
 import torch
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import free_port
 
@@ -258,3 +260,65 @@ def test_auth_required_on_generation_routes(generator_app):
     assert _post(url, "/v1/completions", body, key=None).status_code == 401
     assert _post(url, "/v1/completions", body, key="nope").status_code == 401
     assert httpx.get(f"{url}/v1/models").status_code == 401
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+VALID = {
+    "/v1/completions": {"model": "tiny-lm", "prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {
+        "model": "tiny-lm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+    },
+    "/v1/tasks/generation": {"input": {"prompt": "hi"}, "parameters": {"max_new_tokens": 2}},
+}  # fmt: skip
+
+
+@st.composite
+def near_valid(draw: st.DrawFn) -> tuple[str, object]:
+    """A route and a body: anything at all, or a valid body with one field replaced by an
+    arbitrary JSON value, removed, or joined by an unknown one."""
+    path = draw(st.sampled_from(sorted(VALID)))
+    body = dict(VALID[path])
+    how = draw(st.sampled_from(["replace", "remove", "extra", "anything"]))
+    if how == "anything":
+        return path, draw(JSON)
+    key = draw(st.sampled_from(sorted(body)))
+    if how == "replace":
+        body[key] = draw(JSON)
+    elif how == "remove":
+        del body[key]
+    else:
+        body[draw(st.text(min_size=1, max_size=10))] = draw(JSON)
+    return path, body
+
+
+def test_property_no_request_body_gets_a_5xx(generator_app):
+    url, _ = generator_app
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
+
+        @settings(max_examples=60, deadline=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(near_valid())
+        def check(case: tuple[str, object]) -> None:
+            path, body = case
+            response = http.post(path, json=body)
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
+            assert response.status_code < 500, (path, body, response.text)
+            if response.status_code >= 400:
+                assert "\n" not in response.json()["error"]["message"]
+
+        check()
+        ok = http.post("/v1/completions", json=VALID["/v1/completions"])
+    assert ok.status_code == 200  # the replica survived all of it
+    assert any(code >= 400 for code in seen) and 200 in seen, seen

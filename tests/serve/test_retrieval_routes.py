@@ -130,3 +130,15 @@ def test_rag_answers_with_cited_sources_and_timings(url):
     assert missing.status_code == 422, missing.text
     empty = httpx.post(f"{url}/v1/rag", json={"question": ""})
     assert empty.status_code == 422
+
+
+def test_python_client_retrieval_methods(url):
+    from serve.client import Client
+
+    with Client(url) as client:
+        passages = client.retrieve("How do I reset my password?", k=2)
+        assert len(passages) == 2 and passages[0]["text"]
+        vectors = client.embed(["one", "two"])
+        assert len(vectors) == 2 and len(vectors[0]) == 384
+        answer = client.rag("How do I reset my password?", k=2, max_new_tokens=4)
+        assert {"answer", "citations", "passages", "timings_ms"} <= set(answer)
