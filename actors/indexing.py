@@ -155,10 +155,14 @@ def index_documents(
     max_tokens: int = 128,
     overlap: int = 32,
     title_in_embedding: bool = True,
+    prune: bool = False,
 ) -> dict[str, int]:
     """Index documents in this process (no Ray): validate, chunk with the embedder's tokenizer,
-    embed, upsert, delete stale chunks. For small corpora, notebooks and tests; the Ray Data job
-    (``taskray index``) does the same at scale. Invalid documents raise ``RowError``."""
+    embed, upsert, delete stale chunks and, with ``prune``, every indexed document that is not
+    in ``docs``. For small corpora, notebooks and tests; the Ray Data job (``taskray index``)
+    does the same at scale. Invalid documents raise ``RowError``; a collection built with
+    another model raises ``StoreError`` before anything is embedded."""
+    store.check_model(embedder.model_name, embedder.dimension)
     chunks: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
     for doc in docs:
@@ -174,4 +178,5 @@ def index_documents(
     )
     store.upsert_chunks(chunks, vectors)
     store.delete_stale_chunks(counts)
-    return {"documents": len(counts), "chunks": len(chunks)}
+    pruned = len(store.prune_documents(counts)) if prune else 0
+    return {"documents": len(counts), "chunks": len(chunks), "pruned": pruned}

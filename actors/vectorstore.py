@@ -162,6 +162,7 @@ class VectorStore:
         self.options = options
         self.collection = options.collection
         self.client = client
+        self._vector_size: int | None = None  # cached for the per-query dimension check
 
     @classmethod
     def open(cls, options: QdrantOptions) -> VectorStore:
@@ -254,6 +255,7 @@ class VectorStore:
             return False
         record = {"embedding_model": model_name, "dimension": dimension, "distance": "cosine"}
         record.update(extra or {})
+        self._vector_size = None
         self.client.create_collection(
             self.collection,
             vectors_config=models.VectorParams(size=dimension, distance=models.Distance.COSINE),
@@ -356,6 +358,14 @@ class VectorStore:
                 wait=True,
             )
 
+    def prune_documents(self, keep: Iterable[str]) -> set[str]:
+        """Delete every document whose id is not in ``keep`` (the current input); returns the
+        ids deleted. What ``prune: true`` does after an indexing run."""
+        stale = self.doc_ids() - set(keep)
+        if stale:
+            self.delete_documents(stale)
+        return stale
+
     def doc_ids(self) -> set[str]:
         """Every document id in the collection (scrolls payloads; for pruning)."""
         from qdrant_client import models
@@ -375,6 +385,23 @@ class VectorStore:
                 return found
 
     # ----- reading -------------------------------------------------------------------------
+    def _check_query_size(self, size: int) -> None:
+        """Raise ``StoreError`` naming both sizes when a query vector does not fit the
+        collection (local mode would fail deep in numpy, a server with a terse 400)."""
+        for refresh in (False, True):
+            if refresh or self._vector_size is None:
+                vectors = self.client.get_collection(self.collection).config.params.vectors
+                self._vector_size = int(getattr(vectors, "size", 0) or 0) or None
+            # Checked twice so a collection re-created since the cache was filled is no error.
+            if self._vector_size is None or self._vector_size == size:
+                return
+        recorded = (self.recorded_model() or {}).get("embedding_model", "unknown")
+        raise StoreError(
+            f"{self.options.describe()} holds {self._vector_size}-dimensional vectors but the "
+            f"query vector has {size}; embed queries with the model the collection was built "
+            f"with ({recorded})"
+        )
+
     def search(
         self,
         vector: Sequence[float] | np.ndarray,
@@ -391,6 +418,7 @@ class VectorStore:
             raise StoreError(
                 f"{self.options.describe()} does not exist; build it with `taskray index`"
             )
+        self._check_query_size(len(query))
         if distinct_documents:
             groups = self.client.query_points_groups(
                 self.collection,

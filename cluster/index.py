@@ -315,10 +315,7 @@ def run_indexing(cfg: IndexConfig, progress: Any = print) -> IndexOutcome:
 
         pruned = 0
         if cfg.prune and ready:
-            stale = store.doc_ids() - set(first_seen)
-            if stale:
-                store.delete_documents(stale)
-            pruned = len(stale)
+            pruned = len(store.prune_documents(first_seen))
             progress(f"[taskray] pruned {pruned} documents no longer in {cfg.input}")
         points = store.count()
     finally:
