@@ -454,4 +454,4 @@ def test_retriever_deployment_batches_and_serves(ray_session, index_dir):
         with pytest.raises(Exception, match="k: must be an integer"):
             handle.retrieve.remote("x", 0).result()
     finally:
-        serve.delete("retriever-test")
+        serve.shutdown()  # the next module starts Serve on its own port

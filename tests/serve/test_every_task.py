@@ -89,7 +89,8 @@ def url(ray_session, tmp_path_factory, tiny_bert, tiny_bundle):
     serving.deploy(loaded)
     serving.wait_ready(base, timeout_s=240, progress=lambda *_: None)
     yield base
-    serve.delete("taskray")
+    # Shut Serve down (not just the app): the next module starts it on its own port.
+    serve.shutdown()
 
 
 def test_encoder_heads_answer_in_their_shapes(url):

@@ -97,7 +97,8 @@ def generator_app(ray_session, tmp_path_factory):
     serving.deploy(loaded)
     serving.wait_ready(url, timeout_s=180, progress=lambda *_: None)
     yield url, base
-    serve.delete("taskray")
+    # Shut Serve down (not just the app): the next module starts it on its own port.
+    serve.shutdown()
 
 
 def _post(url: str, path: str, body: dict, key: str | None = API_KEY) -> httpx.Response:

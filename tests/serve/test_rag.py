@@ -284,7 +284,7 @@ def rag_app(ray_session, tmp_path_factory, tiny_bert):
             tokenizer=AutoTokenizer.from_pretrained(lm),
         )
     finally:
-        serve.delete("rag-test")
+        serve.shutdown()  # the next module starts Serve on its own port
 
 
 def local_prompt(app: SimpleNamespace, question: str, passages: list[dict[str, Any]]) -> str:

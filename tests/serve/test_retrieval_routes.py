@@ -75,7 +75,8 @@ def url(ray_session, tmp_path_factory):
     serving.deploy(loaded)
     serving.wait_ready(base, timeout_s=240, progress=lambda *_: None)
     yield base
-    serve.delete("taskray")
+    # Shut Serve down (not just the app): the next module starts it on its own port.
+    serve.shutdown()
 
 
 def test_retrieve_finds_the_relevant_document(url):

@@ -43,7 +43,8 @@ def served(ray_session, tiny_bundle, tmp_path_factory):
     serving.deploy(config)
     serving.wait_ready(url, timeout_s=180, progress=lambda *_: None)
     yield url
-    serve.delete("taskray")
+    # Shut Serve down (not just the app): the next module starts it on its own port.
+    serve.shutdown()
 
 
 @pytest.fixture()
