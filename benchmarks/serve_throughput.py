@@ -25,8 +25,8 @@ The three systems, all on CPU, all answering one review per request:
   models of one application: one ingress replica, one replica of each model.
 - ``fastapi_pipeline``: what a user would otherwise write: ``pipeline("text-classification")``
   behind a FastAPI ``def`` route (FastAPI runs it in its thread pool), one uvicorn worker, in a
-  subprocess, with the same torch thread count as the Serve replica (``TORCH_THREADS``, what
-  ``TaskHead`` sets: min(4, cores)).
+  subprocess, with the same torch thread count as the Serve replica (``TORCH_THREADS``: what
+  ``TaskHead`` sets, ``serve.config.replica_threads`` of the model's ``num_cpus``).
 
 All three run at once (the idle ones wait) and are measured in turn at each concurrency, so that
 drifting load from other work on a shared machine hits all of them alike; the baseline therefore
@@ -37,6 +37,15 @@ each send a request as soon as their previous one is answered (closed loop), aft
 until a request count or a time limit is reached. It shares the machine's cores with the
 servers, equally for all three. Every response must be HTTP 200 with a label; anything else is
 counted and reported as an error, and latency percentiles are over successful requests.
+
+Where the time goes: every cell also records the CPU time each process spent per answered
+request (``cpu_ms_per_request``: the Serve proxy, the ingress, the model replica, the baseline
+server, the load generator; read from ``/proc``, so Linux only), and before any server starts
+the script times ``predict_rows`` in-process on one text and on a full batch with the replica's
+thread count (``compute``): the model's own CPU cost per request with and without batching.
+On a CPU-bound machine batching can only save the difference between those two, so
+``compute.batching_ceiling`` (their ratio) bounds what batched/unbatched can reach even with
+zero serving overhead.
 
 Prints a table and writes benchmarks/results/serve_throughput[-smoke].{json,png}. Every ratio is
 between figures measured in this invocation. Targets (reported, not asserted): batched ≥ 3×
@@ -70,14 +79,29 @@ from pydantic import BaseModel
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve.config import replica_threads  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 CONCURRENCY = (1, 8, 32)
 SYSTEMS = ("serve_batched", "serve_unbatched", "fastapi_pipeline")
 NUM_CPUS = 2
 API_KEY = "serve-throughput-benchmark-key"
-# TaskHead.__init__ (serve/app.py) sets torch to this many threads; the baseline uses the same.
-TORCH_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def served_model() -> Any:
+    """The benchmarked model's spec (the first model of configs/serve.yaml, defaults filled)."""
+    import yaml
+
+    from serve.config import ServedModel
+
+    cfg = yaml.safe_load((ROOT / "configs" / "serve.yaml").read_text())
+    return ServedModel.model_validate(cfg["applications"][0]["args"]["models"][0])
+
+
+# What TaskHead.__init__ gives the replica (replica_threads of the model's num_cpus); the
+# baseline server uses the same.
+TORCH_THREADS = replica_threads(served_model().num_cpus)
 
 REVIEWS = [
     "Arrived two days early and works exactly as described.",
@@ -119,6 +143,85 @@ class ClassifyBody(BaseModel):
     text: str
 
 
+# ----- CPU accounting ---------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def cpu_snapshot(extra: dict[int, str] | None = None) -> dict[str, float]:
+    """CPU seconds so far of the processes that serve requests, by role: the Serve proxy,
+    each Serve replica (``ServeReplica:<app>:<deployment>`` → the deployment's name), Ray's own
+    daemons, plus ``extra`` (pid → label) and this process (the load generator). Empty where
+    ``/proc`` does not exist."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    labels: dict[int, str] = {os.getpid(): "load_generator", **(extra or {})}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in labels:
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0.startswith("ray::ServeReplica:"):
+            labels[int(entry.name)] = argv0.rsplit(":", 1)[-1]
+        elif argv0.startswith("ray::ProxyActor"):
+            labels[int(entry.name)] = "serve_proxy"
+        elif argv0.startswith("ray::ServeController"):
+            labels[int(entry.name)] = "serve_controller"
+        elif argv0.endswith(("/gcs_server", "/raylet")):
+            labels[int(entry.name)] = "ray_daemons"
+    out: dict[str, float] = {}
+    for pid, label in labels.items():
+        seconds = process_cpu_s(pid)
+        if seconds is not None:
+            out[label] = out.get(label, 0.0) + seconds
+    return out
+
+
+def compute_reference(bundle: Path, threads: int, batch: int, repeats: int = 5) -> dict[str, Any]:
+    """The model's own CPU cost per request, in-process (no HTTP, no Serve): ``predict_rows``
+    on one review at a time and on ``batch`` reviews at once, with ``threads`` torch threads."""
+    import torch
+
+    from actors.bundle import load_bundle
+    from actors.inference import predict_rows
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loaded = load_bundle(str(bundle), device="cpu")
+        rows = [{"text": REVIEWS[i % len(REVIEWS)]} for i in range(batch)]
+
+        def cpu_ms_per_row(size: int) -> float:
+            chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+            predict_rows(loaded, chunks[0])  # warm-up
+            c0 = time.process_time()
+            for _ in range(repeats):
+                for chunk in chunks:
+                    predict_rows(loaded, chunk)
+            return (time.process_time() - c0) * 1000.0 / (repeats * len(rows))
+
+        one, full = cpu_ms_per_row(1), cpu_ms_per_row(batch)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "threads": threads,
+        "batch": batch,
+        "cpu_ms_per_row_alone": one,
+        "cpu_ms_per_row_batched": full,
+        "batching_ceiling": one / full if full else None,
+    }
+
+
 # ----- load generator ---------------------------------------------------------------------------
 @dataclass
 class Cell:
@@ -130,6 +233,7 @@ class Cell:
     latencies_s: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: dict[str, str] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Requests/s of successful requests and latency percentiles in milliseconds."""
@@ -146,6 +250,9 @@ class Cell:
             "p50_ms": float(np.percentile(lat, 50)) if ok else None,
             "p99_ms": float(np.percentile(lat, 99)) if ok else None,
             "mean_ms": float(lat.mean()) if ok else None,
+            "cpu_ms_per_request": {
+                k: v * 1000.0 / ok for k, v in sorted(self.cpu_s.items()) if ok and v > 0
+            },
         }
 
 
@@ -158,6 +265,7 @@ class Target:
     body: Callable[[str], dict[str, Any]]
     check: Callable[[Any], bool]
     headers: dict[str, str] = field(default_factory=dict)
+    pids: dict[int, str] = field(default_factory=dict)  # server processes outside Ray, by label
 
 
 async def _closed_loop(
@@ -206,7 +314,10 @@ async def _measure(
         # The warm-up opens the connections and lets the server reach its steady state.
         await _closed_loop(client, target, Cell(target.name, concurrency), warmup, time_limit_s)
         cell = Cell(target.name, concurrency)
+        before = cpu_snapshot(target.pids)
         await _closed_loop(client, target, cell, n_requests, time_limit_s, offset=warmup)
+        after = cpu_snapshot(target.pids)
+        cell.cpu_s = {k: v - before[k] for k, v in after.items() if k in before}
     return cell
 
 
@@ -314,7 +425,13 @@ def baseline_server(bundle: Path, log_path: Path, timeout_s: float = 180.0) -> I
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url}/health did not answer within {timeout_s:.0f}s")
             time.sleep(0.2)  # poll interval, not a readiness guess
-        yield Target("fastapi_pipeline", f"{url}/classify", lambda text: {"text": text}, has_label)
+        yield Target(
+            "fastapi_pipeline",
+            f"{url}/classify",
+            lambda text: {"text": text},
+            has_label,
+            pids={proc.pid: "fastapi_server"},
+        )
     finally:
         stop_process(proc)
 
@@ -491,6 +608,16 @@ def main() -> None:
             bundle_source = f"untrained: pretrained {MINILM} encoder + random 2-label head"
         timings["bundle_s"] = time.perf_counter() - t0
         print(f"bundle: {bundle} ({bundle_source})", flush=True)
+        # Before any server starts, so that nothing else competes for the cores.
+        compute = compute_reference(
+            bundle, TORCH_THREADS, served_model().max_batch_size, repeats=1 if args.smoke else 5
+        )
+        print(
+            f"in-process predict_rows CPU per review ({TORCH_THREADS} threads): "
+            f"{compute['cpu_ms_per_row_alone']:.1f} ms alone, "
+            f"{compute['cpu_ms_per_row_batched']:.1f} ms in a batch of {compute['batch']}",
+            flush=True,
+        )
 
         serve_info: dict[str, Any] = {"mean_batch_size": {}}
         t0 = time.perf_counter()
@@ -538,6 +665,7 @@ def main() -> None:
     report = {
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": NUM_CPUS},
         "torch_threads": TORCH_THREADS,
+        "compute": compute,
         "bundle": {"path": str(bundle) if args.bundle else None, "source": bundle_source},
         "serve": serve_info,
         "load": {
@@ -581,6 +709,20 @@ def print_table(report: dict[str, Any]) -> None:
     if mbs:
         shown = ", ".join(f"c={c}: {v:.1f}" for c, v in mbs.items())
         print(f"serve_batched mean batch size: {shown}")
+    top = max(CONCURRENCY)
+    print(f"CPU ms per request at c={top}, by process (where the time goes):")
+    for system in SYSTEMS:
+        parts = report["results"][system][top].get("cpu_ms_per_request", {})
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(parts.items(), key=lambda x: -x[1])
+                          if v >= 0.3)  # fmt: skip
+        print(f"  {system:<17} total {sum(parts.values()):5.1f}: {shown}")
+    compute = report["compute"]
+    print(
+        f"model alone (in-process): {compute['cpu_ms_per_row_alone']:.1f} ms CPU per review "
+        f"unbatched, {compute['cpu_ms_per_row_batched']:.1f} ms in batches of "
+        f"{compute['batch']}: batching can make a CPU-bound server at most "
+        f"{compute['batching_ceiling']:.2f}x faster"
+    )
     for name, value in report["ratios"].items():
         print(f"{name:<32} {value:.2f}x" if value is not None else f"{name:<32} -")
     for name, met in report["targets_met"].items():
