@@ -172,25 +172,6 @@ class GeneratorBase:
         if "generation" in user_config:
             self.defaults = self.defaults.model_copy(update=user_config["generation"])
 
-    # ----- prompts --------------------------------------------------------------------------
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> str:
-        """The tokenizer's chat template with the assistant turn opened."""
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-
-    def task_prompts(self, rows: list[dict[str, Any]]) -> list[str]:
-        """The prompts this model was trained with for its task's rows."""
-        return [self.task.generation_prompt(r, self.tokenizer) for r in rows]
-
-    def decode_task(self, texts: list[str], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Generated texts → the task's output shape."""
-        return self.task.decode(texts, rows)
-
-    def count_tokens(self, text: str) -> int:
-        """Prompt length in tokens (limits are checked by the ingress before generation)."""
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
     # ----- generation -----------------------------------------------------------------------
     async def complete(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
         """One prompt → one completion; concurrent calls are batched by ``generate``."""
