@@ -6,7 +6,7 @@ code that reads them must not import ``cluster`` (imports only go leftwards).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,40 @@ class LoraOptions(Strict):
     )
     use_dora: bool = False
     merge: bool = Field(default=False, description="export the base with the adapter merged in")
+
+
+class VisionOptions(Strict):
+    """The vision side of a vision-language model (the ``multimodal`` task).
+
+    Stages are set by what is frozen: projector only (``freeze_vision`` and ``freeze_lm``),
+    then projector + LM (``freeze_lm: false``, or ``model.lora`` for LoRA on the LM), with the
+    vision tower optionally unfrozen. A later stage starts from the earlier stage's bundle
+    (``model.name_or_path: runs/stage1/bundle``), whose vision settings it keeps.
+    """
+
+    name: str | None = Field(
+        default=None,
+        description="timm model name (e.g. vit_base_patch16_clip_224); None when "
+        "model.name_or_path is a multimodal bundle",
+    )
+    pretrained_file: str | None = Field(
+        default=None,
+        description="local weights file for the vision tower (.safetensors); None = random init",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra timm.create_model arguments (img_size, depth...)"
+    )
+    image_size: int | None = Field(
+        default=None, ge=8, description="input resolution; None = the model's own"
+    )
+    feature_layer: int = Field(
+        default=-2, description="which block's patch features feed the projector (LLaVA: -2)"
+    )
+    projector: Literal["linear", "mlp"] = Field(
+        default="mlp", description="linear, or a 2-layer MLP with GELU (LLaVA-1.5)"
+    )
+    freeze_vision: bool = True
+    freeze_lm: bool = False
 
 
 class ModelOptions(Strict):
@@ -55,6 +89,9 @@ class ModelOptions(Strict):
     )
     cpu_offload: bool = Field(
         default=False, description="FSDP2: keep sharded parameters and optimizer state on CPU"
+    )
+    vision: VisionOptions | None = Field(
+        default=None, description="vision tower and projector (multimodal task only)"
     )
 
 

@@ -20,6 +20,7 @@ AUTO_CLASSES = {
     "question_answering": "AutoModelForQuestionAnswering",
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "vision_causal_lm": "AutoModelForCausalLM",  # the LM of a VisionLanguageModel (actors.vlm)
 }
 """Model kind (a task formulation's) → the ``transformers`` Auto class that builds it."""
 
@@ -95,8 +96,14 @@ def build_model(
     kind: str,
     label_names: list[str] | None = None,
     use_gpu: bool | None = None,
+    tokenizer: Any = None,
+    image_token: str = "<image>",
 ) -> BuiltModel:
-    """Build the model for ``kind`` from ``options`` (pretrained or randomly initialised)."""
+    """Build the model for ``kind`` from ``options`` (pretrained or randomly initialised).
+
+    A ``vision_causal_lm`` (the multimodal task) also needs the ``tokenizer`` that holds its
+    ``image_token``.
+    """
     import transformers
 
     if kind not in AUTO_CLASSES:
@@ -105,6 +112,13 @@ def build_model(
     path = resolve_model_path(options.name_or_path)
     attn, reason = choose_attention(options.attn_implementation)
     dtype = choose_dtype(options.dtype, use_gpu)
+    if kind == "vision_causal_lm":
+        from actors.vlm import build_vlm
+
+        if tokenizer is None:
+            raise ValueError("a vision_causal_lm needs the tokenizer to find its image token")
+        model = build_vlm(options, tokenizer, image_token, attn, dtype, path)
+        return BuiltModel(model, attn, reason, dtype, path)
     kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
     if label_names is not None and kind in ("sequence_classification", "token_classification"):
         kwargs["num_labels"] = len(label_names)
@@ -134,6 +148,7 @@ PEFT_TASK_TYPES = {
     "question_answering": "QUESTION_ANS",
     "causal_lm": "CAUSAL_LM",
     "seq2seq_lm": "SEQ_2_SEQ_LM",
+    "vision_causal_lm": "CAUSAL_LM",
 }
 
 

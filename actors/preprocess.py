@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,17 +140,50 @@ class TokenizeRows:
 
     Output columns: ``_path``, ``_row``, ``_error`` (an encoding failure such as an empty
     target after truncation) and one column per model feature.
+
+    With ``image_config`` (the multimodal task: ``{"data_config": timm's data config}``) each
+    row's image is also decoded (a path relative to its data file, or a data URI) and run
+    through timm's eval transform into a ``pixel_values`` column; an image that is missing,
+    corrupt or not an image makes its row an error like any other.
     """
 
     def __init__(
-        self, task_spec: dict[str, Any], tokenizer_path: str, trust_remote_code: bool = False
+        self,
+        task_spec: dict[str, Any],
+        tokenizer_path: str,
+        trust_remote_code: bool = False,
+        image_config: dict[str, Any] | None = None,
     ) -> None:
         self.task = task_from_spec(task_spec)
         self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+        self.transform = None
+        if image_config is not None:
+            from actors.vlm import image_transform
+
+            self.transform = image_transform(image_config["data_config"])
+            self.image_shape = tuple(image_config["data_config"]["input_size"])
+
+    def _pixels(self, row: dict[str, Any], data_file: str) -> np.ndarray:
+        from tasks.multimodal import read_image_field
+
+        image = read_image_field(row["image"], base_dir=Path(data_file).parent)
+        return np.asarray(self.transform(image), dtype=np.float32)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = [json.loads(str(j)) for j in batch["_json"]]
         encoded = self.task.encode_batch(rows, self.tokenizer)
+        pixels: list[np.ndarray] = []
+        if self.transform is not None:
+            blank = np.zeros(self.image_shape, dtype=np.float32)
+            for i, (row, item) in enumerate(zip(rows, encoded, strict=True)):
+                if isinstance(item, RowError):
+                    pixels.append(blank)
+                    continue
+                try:
+                    pixels.append(self._pixels(row, str(batch["_path"][i])))
+                except RowError as err:
+                    encoded[i] = err
+                    pixels.append(blank)
         # One row may become several features (extractive QA's doc-stride windows); each
         # keeps its row's file, number and JSON so evaluation can regroup them.
         flat: list[tuple[int, Any]] = []
@@ -178,6 +212,8 @@ class TokenizeRows:
             "_json": batch["_json"][source],
         }
         out.update({k: _column(v) for k, v in columns.items()})
+        if self.transform is not None:
+            out["pixel_values"] = np.stack([pixels[i] for i in source])
         return out
 
 

@@ -18,7 +18,9 @@ from actors.modeling import transformer_blocks
 from actors.packing import block_causal_mask
 from tasks import IGNORE_INDEX
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
+CAUSAL = ("causal_lm", "vision_causal_lm")
+"""Kinds whose logits at position t predict the token at t + 1 (the loss shifts labels)."""
 TARGETS = ("labels", "start_positions", "end_positions")
 
 
@@ -57,6 +59,9 @@ def collate(
         if key not in batch:
             continue
         values = batch[key]
+        if key == "pixel_values":  # fixed-shape images: stack, keep float
+            out[key] = torch.as_tensor(np.stack(list(values)), dtype=torch.float32, device=device)
+            continue
         if np.asarray(values[0]).ndim == 0:
             out[key] = torch.as_tensor(np.asarray(values, dtype=np.int64), device=device)
             continue
@@ -83,7 +88,7 @@ def supervised_count(kind: str, batch: dict[str, torch.Tensor]) -> int:
     if kind == "question_answering":
         return int(batch["start_positions"].shape[0])
     labels = batch["labels"]
-    if kind == "causal_lm":
+    if kind in CAUSAL:
         labels = labels[:, 1:]
     return int((labels != IGNORE_INDEX).sum())
 
@@ -118,7 +123,7 @@ def forward_loss(kind: str, model: Any, batch: dict[str, torch.Tensor]) -> tuple
         out = model(**inputs)
         return _ce_sum(out.logits, labels), out
     out = model(**inputs)
-    if kind == "causal_lm":
+    if kind in CAUSAL:
         return _ce_sum(out.logits[:, :-1, :], labels[:, 1:]), out
     return _ce_sum(out.logits, labels), out
 

@@ -37,6 +37,14 @@ CORPUS = [
 ]
 
 
+TINY_VISION = {
+    "name": "vit_tiny_patch16_224",
+    "kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2},
+    "feature_layer": -1,
+}
+"""``model.vision`` of a tiny ViT (timm, random init): 32x32 input, 16 visual tokens of width 64."""
+
+
 def cache_dir() -> Path:
     """Where tiny models are built."""
     return Path(os.environ.get("TASKRAY_CACHE", Path.home() / ".cache" / "taskray")) / "tiny"

@@ -36,10 +36,11 @@ from actors.steps import (
     supervised_count,
     world,
 )
-from tasks import Task, task_from_spec
+from tasks import IGNORE_INDEX, Task, task_from_spec
 
 STATE_FILE = "train_state.json"
 GENERATIVE = ("causal_lm", "seq2seq_lm")
+VLM = "vision_causal_lm"
 
 
 class WorkerConfig(BaseModel):
@@ -123,7 +124,10 @@ def evaluate(
             keys = [f"{r}" for r in batch["_row"]]
             for key, js in zip(keys, batch["_json"], strict=True):
                 rows.setdefault(key, json.loads(str(js)))
-            outputs.extend(zip(keys, _row_outputs(task, out, batch), strict=False))
+            if kind == VLM:
+                outputs.extend(zip(keys, _vlm_prompts(batch), strict=True))
+            else:
+                outputs.extend(zip(keys, _row_outputs(task, out, batch), strict=False))
     gathered = _gather((loss_sum, count, outputs, rows))
     metrics: dict[str, float] = {}
     total = sum(g[1] for g in gathered)
@@ -144,6 +148,20 @@ def evaluate(
                 windows.setdefault(k, []).append(o)
         preds = task.decode([windows[k] for k in keys], [all_rows[k] for k in keys])
         metrics.update(task.metrics(preds, [all_rows[k] for k in keys]))
+    elif kind == VLM and optim.eval_generate_rows > 0:
+        by_key = {k: o for g in gathered for k, o in g[2]}
+        chosen = keys[: optim.eval_generate_rows]
+        metrics.update(
+            vlm_generate_metrics(
+                model,
+                task,
+                [by_key[k] for k in chosen],
+                [all_rows[k] for k in chosen],
+                optim,
+                tokenizer,
+                device,
+            )
+        )
     elif kind in GENERATIVE and optim.eval_generate_rows > 0:
         subset = [all_rows[k] for k in keys[: optim.eval_generate_rows]]
         metrics.update(generate_metrics(model, task, subset, optim, tokenizer, device))
@@ -189,6 +207,64 @@ def generate_metrics(
         new = out[:, enc["input_ids"].shape[1] :] if task.model_kind == "causal_lm" else out
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
         texts.extend((index * optim.eval_batch_size + i, t) for i, t in enumerate(decoded))
+    ordered = sorted(t for g in _gather(texts) for t in g)
+    preds = task.decode([t for _, t in ordered])
+    return task.metrics(preds, [rows[i] for i, _ in ordered])
+
+
+def _vlm_prompts(batch: dict[str, Any]) -> list[tuple[list[int], np.ndarray]]:
+    """Each row's prompt ids (the tokens before its answer) and image, for generation."""
+    out = []
+    for ids, labels, pixels in zip(
+        batch["input_ids"], batch["labels"], batch["pixel_values"], strict=True
+    ):
+        labels = np.asarray(labels)
+        answer_at = int(np.argmax(labels != IGNORE_INDEX))
+        out.append((list(np.asarray(ids)[:answer_at]), np.asarray(pixels)))
+    return out
+
+
+def vlm_generate_metrics(
+    model: Any,
+    task: Task,
+    prompts: list[tuple[list[int], np.ndarray]],
+    rows: list[dict],
+    optim: OptimOptions,
+    tokenizer: Any,
+    device: Any,
+) -> dict[str, float]:
+    """Greedy answers of a vision-language model on validation images, scored by the task."""
+    from actors.generation import stop_token_ids
+
+    rank, size = world()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    step = optim.eval_batch_size
+    chunks = [list(range(i, min(i + step, len(prompts)))) for i in range(0, len(prompts), step)]
+    lm = model.lm
+    texts: list[tuple[int, str]] = []
+    for indices, real in _lockstep(chunks, rank, size):
+        width = max(len(prompts[i][0]) for i in indices)
+        ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(indices), width), dtype=torch.long)
+        for j, i in enumerate(indices):  # left padding: answers start at the same column
+            n = len(prompts[i][0])
+            ids[j, width - n :] = torch.tensor(prompts[i][0])
+            mask[j, width - n :] = 1
+        pixels = torch.as_tensor(np.stack([prompts[i][1] for i in indices]))
+        with torch.no_grad():
+            out = model.generate(
+                ids.to(device),
+                mask.to(device),
+                pixels.to(device),
+                max_new_tokens=optim.eval_max_new_tokens,
+                do_sample=False,
+                synced_gpus=size > 1,
+                pad_token_id=pad_id,
+                eos_token_id=stop_token_ids(tokenizer, lm),
+            )
+        if real:
+            decoded = tokenizer.batch_decode(out, skip_special_tokens=True)
+            texts.extend((i, t) for i, t in zip(indices, decoded, strict=True))
     ordered = sorted(t for g in _gather(texts) for t in g)
     preds = task.decode([t for _, t in ordered])
     return task.metrics(preds, [rows[i] for i, _ in ordered])
@@ -262,6 +338,13 @@ def export_bundle(
     if world()[0] != 0:
         return
     os.makedirs(directory, exist_ok=True)
+    if task.model_kind == VLM:
+        from actors.vlm import save_vlm
+
+        save_vlm(directory, model, full)
+        tokenizer.save_pretrained(directory)
+        write_manifest(directory, task, cfg.base_model, metrics, extra)
+        return
     lora = cfg.model.lora
     if lora is not None and lora.merge:
         with tempfile.TemporaryDirectory() as adapter_dir:
@@ -306,7 +389,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    built = build_model(cfg.model, kind, task.labels, use_gpu=cfg.use_gpu)
+    built = build_model(
+        cfg.model,
+        kind,
+        task.labels,
+        use_gpu=cfg.use_gpu,
+        tokenizer=tokenizer,
+        image_token=getattr(task.options, "image_token", "<image>"),
+    )
     model = built.model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
@@ -321,6 +411,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     if size > 1:
         model = shard_model(model, cfg.use_gpu, cfg.model.cpu_offload)
+        if kind == VLM:
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            # generate() reads the root's parameters (vision, projector, embeddings) outside
+            # forward(); FSDP must unshard them around it as it does around forward().
+            register_fsdp_forward_method(model, "generate")
     model.train()
     optimizer = make_optimizer(model, optim)
 

@@ -85,8 +85,12 @@ def prepare_datasets(
     run_dir: Path,
     trust_remote_code: bool = False,
     progress: Any = print,
+    image_config: dict[str, Any] | None = None,
 ) -> PreparedData:
     """Run the preprocessing pipeline; sets ``task``'s label set when it is inferred.
+
+    ``image_config`` (multimodal) makes the tokenizer actors also decode each row's image into
+    ``pixel_values`` (see ``TokenizeRows``).
 
     Runs with Ray Data's ``preserve_order``: the materialised training set then has the same
     blocks in the same order on every run of the same config, which is what lets a resumed
@@ -97,7 +101,9 @@ def prepare_datasets(
     options = ray.data.DataContext.get_current().execution_options
     saved, options.preserve_order = options.preserve_order, True
     try:
-        return _prepare(task, data, tokenizer_path, run_dir, trust_remote_code, progress)
+        return _prepare(
+            task, data, tokenizer_path, run_dir, trust_remote_code, progress, image_config
+        )
     finally:
         options.preserve_order = saved
 
@@ -109,6 +115,7 @@ def _prepare(
     run_dir: Path,
     trust_remote_code: bool,
     progress: Any,
+    image_config: dict[str, Any] | None = None,
 ) -> PreparedData:
     train_paths = resolve_paths(data.train, "train")
     val_paths = resolve_paths(data.validation, "validation") if data.validation else None
@@ -168,6 +175,7 @@ def _prepare(
         "task_spec": spec,
         "tokenizer_path": tokenizer_path,
         "trust_remote_code": trust_remote_code,
+        "image_config": image_config,
     }
     import ray.data
 

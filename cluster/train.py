@@ -32,6 +32,55 @@ def check_model_source(name: str, tokenizer_path: str, trust_remote_code: bool) 
         ) from None
 
 
+def prepare_multimodal(
+    cfg: TrainConfig, task: Any, tokenizer_path: str, run_dir: Path, progress: Any = print
+) -> tuple[str, dict[str, Any]]:
+    """Vision settings for a multimodal run, fixed before preprocessing: the tokenizer (given
+    the image placeholder token when it lacks one, saved in the run dir) and the image
+    transform; the task's ``num_image_tokens`` is set to what the vision tower emits.
+
+    Returns the tokenizer path to use and the ``image_config`` for ``TokenizeRows``.
+    """
+    from actors.preprocess import load_tokenizer
+    from actors.vlm import VLM_CONFIG, describe_tower, is_vlm_bundle
+
+    source = resolve_model_path(cfg.model.name_or_path)
+    vision = cfg.model.vision
+    if is_vlm_bundle(source):
+        info = json.loads((Path(source) / VLM_CONFIG).read_text())
+    elif vision is None or vision.name is None:
+        raise ConfigError(
+            "the multimodal task needs model.vision.name (a timm model, e.g. "
+            "vit_base_patch16_clip_224) unless model.name_or_path is a multimodal bundle"
+        )
+    else:
+        try:
+            info = describe_tower(
+                vision.name, vision.kwargs, vision.image_size, vision.feature_layer
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+    wanted = cfg.task.options.get("num_image_tokens")
+    if wanted is not None and wanted != info["num_image_tokens"]:
+        raise ConfigError(
+            f"task.options.num_image_tokens={wanted} but the vision tower emits "
+            f"{info['num_image_tokens']} visual tokens; drop the option (it is set for you)"
+        )
+    task.options.num_image_tokens = info["num_image_tokens"]
+    token = task.options.image_token
+    tokenizer = load_tokenizer(tokenizer_path, cfg.model.trust_remote_code)
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [token]})
+        tokenizer_path = str(run_dir / "tokenizer")
+        tokenizer.save_pretrained(tokenizer_path)
+        progress(f"[taskray] added the image token {token} to the tokenizer ({tokenizer_path})")
+    progress(
+        f"[taskray] vision: {info['num_image_tokens']} visual tokens per image, input "
+        f"{'x'.join(str(d) for d in info['data_config']['input_size'][1:])}"
+    )
+    return tokenizer_path, {"data_config": info["data_config"]}
+
+
 class TrainingError(RuntimeError):
     """Training did not produce a bundle; the message says why."""
 
@@ -79,9 +128,22 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
     resolve_paths(cfg.data.train, "train")
     if cfg.data.validation:
         resolve_paths(cfg.data.validation, "validation")
+    image_config = None
+    if task.model_kind == "vision_causal_lm":
+        tokenizer_path, image_config = prepare_multimodal(
+            cfg, task, tokenizer_path, run_dir, progress
+        )
+    elif cfg.model.vision is not None:
+        raise ConfigError(f"model.vision is for the multimodal task, not '{task.name}'")
     connect(cfg.ray.address, cfg.ray.num_cpus)
     data = prepare_datasets(
-        task, cfg.data, tokenizer_path, run_dir, cfg.model.trust_remote_code, progress
+        task,
+        cfg.data,
+        tokenizer_path,
+        run_dir,
+        cfg.model.trust_remote_code,
+        progress,
+        image_config=image_config,
     )
     t_data = time.perf_counter()
 
