@@ -5,9 +5,11 @@ ingress.
 ``import_path: serve.app:build_app`` with the ``AppArgs`` as ``args``, so ``serve run`` /
 ``serve deploy`` / ``taskray serve`` / a KubeRay RayService all deploy the same thing.
 
-Routes: ``/v1/tasks/{task}`` for every text family, OpenAI-compatible ``/v1/completions``,
-``/v1/chat/completions`` (both streaming as server-sent events) and ``/v1/models``, plus
-``/healthz`` and ``/readyz``. Every limit is checked here, before a model sees the request.
+Routes: ``/v1/tasks/{task}`` for every family (``/v1/tasks/multimodal`` takes an image as JSON
+base64 or a multipart upload), OpenAI-compatible ``/v1/completions``, ``/v1/chat/completions``
+(both streaming as server-sent events; image content parts for multimodal models) and
+``/v1/models``, retrieval and RAG (with an optional image), plus ``/healthz`` and ``/readyz``.
+Every limit is checked here, before a model sees the request.
 """
 
 import asyncio
@@ -26,10 +28,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
 
 from serve.config import AppArgs, Limits, ServedModel, replica_threads
 from serve.generator import generator_class
 from serve.schemas import (
+    ChatMessage,
     ChatRequest,
     ClassifyRequest,
     ClassifyResponse,
@@ -38,6 +42,7 @@ from serve.schemas import (
     GenerationParameters,
     ModelCard,
     ModelList,
+    MultimodalRequest,
     RagRequest,
     RetrieveRequest,
     RetrieveResponse,
@@ -49,6 +54,7 @@ log = logging.getLogger("ray.serve")
 
 READY_TIMEOUT_S = 2.0
 GENERATIVE_KINDS = ("causal_lm", "seq2seq_lm")
+VLM_KIND = "vision_causal_lm"
 
 
 # ----- task heads ---------------------------------------------------------------------------
@@ -287,6 +293,46 @@ def _is_generator(meta: dict[str, Any]) -> bool:
     return meta["kind"] in GENERATIVE_KINDS and meta["task"].get("formulation") != "decoder"
 
 
+def _is_vlm(meta: dict[str, Any]) -> bool:
+    return meta["kind"] == VLM_KIND
+
+
+def image_bytes(value: str, limits: Limits, where: str = "image") -> bytes:
+    """The checked bytes of a request's image (a data URI or plain base64): decodable, in a
+    supported format, within the size and pixel limits — else a 4xx naming the problem."""
+    import base64
+    import binascii
+
+    from tasks.multimodal import decode_image_field
+
+    if value.startswith(("http://", "https://", "file:", "/")):
+        raise HTTPException(
+            422,
+            f"{where}: give the image inline (data:image/...;base64,...); URLs and paths "
+            "are not fetched",
+        )
+    try:
+        data = decode_image_field(value)
+        if data is None:
+            data = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        raise HTTPException(422, f"{where}: not valid base64 (or a data:image/ URI)") from None
+    return check_image(data, limits, where)
+
+
+def check_image(data: bytes, limits: Limits, where: str = "image") -> bytes:
+    """``data`` if it is an acceptable image; 413 over a limit, 422 when it is not one."""
+    from tasks import RowError
+    from tasks.multimodal import load_image
+
+    try:
+        load_image(data, limits.max_image_bytes, limits.max_image_pixels, what=where)
+    except RowError as err:
+        status = 413 if "over the limit" in err.reason else 422
+        raise HTTPException(status, str(err)) from None
+    return data
+
+
 # ----- ingress ------------------------------------------------------------------------------
 def build_ingress(args: AppArgs) -> Any:
     """The ingress deployment class bound to these args' limits."""
@@ -359,6 +405,12 @@ def build_ingress(args: AppArgs) -> Any:
             if base not in self.metas:
                 known = ", ".join(sorted([*self.metas, *self.adapters]))
                 raise HTTPException(404, f"model '{model}' not found (served: {known})")
+            if _is_vlm(self.metas[base]):
+                raise HTTPException(
+                    422,
+                    f"model '{model}' is multimodal: use /v1/tasks/multimodal, or "
+                    "/v1/chat/completions with an image_url content part",
+                )
             if not _is_generator(self.metas[base]):
                 raise HTTPException(
                     422, f"model '{model}' is a {self.tasks[base].name} head, not a generator"
@@ -533,6 +585,74 @@ def build_ingress(args: AppArgs) -> Any:
             done = await asyncio.gather(*(handle.complete.remote(p, params) for p in prompts))
             return task.decode([d["text"] for d in done], rows)
 
+        @api.post(
+            "/v1/tasks/multimodal",
+            response_model=TaskResponse,
+            openapi_extra={
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/MultimodalRequest"}
+                        },
+                        "multipart/form-data": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["image", "prompt"],
+                                "properties": {
+                                    "image": {"type": "string", "format": "binary"},
+                                    "prompt": {"type": "string"},
+                                    "model": {"type": "string"},
+                                },
+                            }
+                        },
+                    },
+                }
+            },
+        )
+        async def multimodal(self, request: Request) -> TaskResponse:
+            """An image and a question about it → ``{"text"}``. JSON with ``image`` as base64
+            (or a data URI), or a multipart upload with the file in the ``image`` field."""
+            self._auth(request)
+            data, body = await self._multimodal_body(request)
+            name = self._pick("multimodal", body.model)
+            meta = self.metas[self.adapters.get(name, name)]
+            if not _is_vlm(meta):
+                raise HTTPException(422, f"model '{name}' is not multimodal")
+            self._text_limit(body.prompt, "prompt")
+            params = self._params(name, (body.parameters or GenerationParameters()).model_dump())
+            done = await self._vlm_answer(name, data, body.prompt, params)
+            return TaskResponse(model=name, task="multimodal", predictions=[{"text": done["text"]}])
+
+        async def _multimodal_body(self, request: Request) -> tuple[bytes, MultimodalRequest]:
+            from pydantic import ValidationError
+
+            if request.headers.get("content-type", "").startswith("multipart/form-data"):
+                form = await request.form(max_files=1, max_fields=8)
+                upload = form.get("image")
+                if not isinstance(upload, UploadFile):
+                    raise HTTPException(422, "image: attach the image file as form field 'image'")
+                data = check_image(await upload.read(), limits)
+                fields = {k: v for k, v in form.items() if k in ("prompt", "model")}
+                try:
+                    body = MultimodalRequest.model_validate({**fields, "image": "upload"})
+                except ValidationError as err:
+                    raise HTTPException(422, _validation_line(err)) from None
+                return data, body
+            try:
+                body = MultimodalRequest.model_validate_json(await request.body())
+            except ValidationError as err:
+                raise HTTPException(422, _validation_line(err)) from None
+            return image_bytes(body.image, limits), body
+
+        async def _vlm_answer(
+            self, name: str, data: bytes, prompt: str, params: dict[str, Any]
+        ) -> dict[str, Any]:
+            try:
+                return await self.handles[name].answer.remote(data, prompt, params)
+            except ValueError as err:  # the replica's own image check
+                raise HTTPException(422, _first_line(err)) from None
+
         @api.post("/v1/tasks/{task}", response_model=TaskResponse)
         async def run_task(self, task: str, body: TaskRequest, request: Request) -> TaskResponse:
             """Any task family: rows in the family's schema → predictions in its output shape
@@ -597,8 +717,13 @@ def build_ingress(args: AppArgs) -> Any:
 
         @api.post("/v1/chat/completions")
         async def chat_completions(self, body: ChatRequest, request: Request) -> Any:
-            """OpenAI-compatible chat (the model's chat template; ``stream: true`` for SSE)."""
+            """OpenAI-compatible chat (the model's chat template; ``stream: true`` for SSE).
+            A multimodal model takes one ``image_url`` part (a data URI) and answers the last
+            user message's text about it."""
             self._auth(request)
+            vlm = self.adapters.get(body.model, body.model)
+            if vlm in self.metas and _is_vlm(self.metas[vlm]):
+                return await self._vlm_chat(body)
             base, handle, adapter = self._generator(body.model)
             if len(body.messages) > limits.max_messages:
                 raise HTTPException(
@@ -641,6 +766,51 @@ def build_ingress(args: AppArgs) -> Any:
                         "index": 0,
                         "message": {"role": "assistant", "content": done["text"]},
                         "finish_reason": done["finish_reason"],
+                    }
+                ],
+                "usage": _usage(done),
+            }
+
+        async def _vlm_chat(self, body: ChatRequest) -> Any:
+            images, prompt = _vlm_messages(body.messages)
+            if len(images) != 1:
+                raise HTTPException(
+                    422,
+                    f"messages: model '{body.model}' needs exactly one image_url part, "
+                    f"got {len(images)}",
+                )
+            where, url = images[0]
+            data = image_bytes(url, limits, where)
+            if not prompt.strip():
+                raise HTTPException(422, "messages: the last user message has no text")
+            self._text_limit(prompt, "messages")
+            params = self._openai_params(body.model, body)
+            done = await self._vlm_answer(body.model, data, prompt, params)
+            rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+            head = {"id": rid, "created": int(time.time()), "model": body.model}
+            finish = "length" if done["completion_tokens"] >= params["max_new_tokens"] else "stop"
+            if body.stream:
+                # The answer is generated in one batched call; it is sent as one delta.
+                def sse(delta: dict[str, Any], reason: str | None) -> str:
+                    choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                    event = {**head, "object": "chat.completion.chunk", "choices": [choice]}
+                    return f"data: {json.dumps(event)}\n\n"
+
+                async def events() -> Any:
+                    yield sse({"role": "assistant"}, None)
+                    yield sse({"content": done["text"]}, None)
+                    yield sse({}, finish)
+                    yield "data: [DONE]\n\n"
+
+                return StreamingResponse(events(), media_type="text/event-stream")
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": done["text"]},
+                        "finish_reason": finish,
                     }
                 ],
                 "usage": _usage(done),
@@ -707,6 +877,8 @@ def build_ingress(args: AppArgs) -> Any:
             self._auth(request)
             rag = self._need(self.rag, "RAG")
             self._text_limit(body.question, "question")
+            if body.image is not None:
+                return await self._rag_image(rag, body)
             generator = (
                 args.retrieval.rag.generator if args.retrieval and args.retrieval.rag else None
             )
@@ -727,6 +899,25 @@ def build_ingress(args: AppArgs) -> Any:
             try:
                 return await rag.answer.remote(
                     body.question, body.k, body.filters, body.mode, params
+                )
+            except ValueError as err:
+                raise HTTPException(422, _first_line(err)) from None
+
+        async def _rag_image(self, rag: DeploymentHandle, body: RagRequest) -> Any:
+            vlm = args.retrieval.rag.vlm if args.retrieval and args.retrieval.rag else None
+            if vlm is None:
+                raise HTTPException(
+                    422, "image: this RAG pipeline has no vlm (set retrieval.rag.vlm)"
+                )
+            if body.stream or body.mode != "generate":
+                raise HTTPException(
+                    422, "image: answers with an image are not streamed and use the generate mode"
+                )
+            data = image_bytes(body.image or "", limits)
+            params = self._params(vlm, (body.parameters or GenerationParameters()).model_dump())
+            try:
+                return await rag.answer_with_image.remote(
+                    body.question, data, body.k, body.filters, params
                 )
             except ValueError as err:
                 raise HTTPException(422, _first_line(err)) from None
@@ -815,6 +1006,38 @@ async def _rag_events(stream: Any) -> Any:
     yield "data: [DONE]\n\n"
 
 
+def _validation_line(err: Any) -> str:
+    """A pydantic ``ValidationError`` as ``field: message`` (its first error)."""
+    first = err.errors()[0] if err.errors() else {}
+    loc = ".".join(str(p) for p in first.get("loc", ())) or "body"
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON body: {first.get('msg', '')}"
+    return f"{loc}: {first.get('msg', 'invalid')}"
+
+
+def _vlm_messages(messages: list[ChatMessage]) -> tuple[list[tuple[str, str]], str]:
+    """The ``image_url`` parts (where, url) of a chat and the last user message's text."""
+    images: list[tuple[str, str]] = []
+    text = ""
+    for i, message in enumerate(messages):
+        parts = message.content
+        if isinstance(parts, str):
+            if message.role == "user":
+                text = parts
+            continue
+        for j, part in enumerate(parts):
+            if part.type == "image_url":
+                url = (part.image_url or {}).get("url")
+                if not isinstance(url, str) or not url:
+                    raise HTTPException(
+                        422, f"messages.{i}.content.{j}.image_url.url: give a data: URI"
+                    )
+                images.append((f"messages.{i}.content.{j}.image_url.url", url))
+        if message.role == "user":
+            text = "".join(p.text or "" for p in parts if p.type == "text")
+    return images, text
+
+
 def _usage(done: dict[str, Any]) -> dict[str, int]:
     return {
         "prompt_tokens": done["prompt_tokens"],
@@ -835,7 +1058,18 @@ def build_app(args: dict[str, Any]) -> Any:
         metas[spec.name] = meta
         family = meta["task"]["name"]
         resources = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
-        if _is_generator(meta):
+        if _is_vlm(meta):
+            if spec.also_serves or spec.adapters:
+                raise ValueError(
+                    f"model '{spec.name}': also_serves and adapters apply to text generators only"
+                )
+            from serve.vlm import VisionLanguage
+
+            lim = parsed.limits
+            handles[spec.name] = VisionLanguage.options(
+                name=f"vlm-{spec.name}", ray_actor_options=resources
+            ).bind(spec.model_dump(), lim.max_image_bytes, lim.max_image_pixels)
+        elif _is_generator(meta):
             for extra in spec.also_serves:
                 if get_task(extra).model_kind not in GENERATIVE_KINDS:
                     raise ValueError(
@@ -865,8 +1099,14 @@ def build_app(args: dict[str, Any]) -> Any:
         if r.rag is not None:
             gen = r.rag.generator
             by_name = {m.name: m for m in parsed.models}
-            for role, name in (("generator", gen), ("reader", r.rag.reader)):
+            for role, name in (("generator", gen), ("reader", r.rag.reader), ("vlm", r.rag.vlm)):
                 if name is None:
+                    continue
+                if name not in metas:
+                    raise ValueError(f"retrieval.rag.{role}: no served model named '{name}'")
+                if role == "vlm":
+                    if not _is_vlm(metas[name]):
+                        raise ValueError(f"retrieval.rag.vlm: '{name}' is not multimodal")
                     continue
                 kind_ok = _is_generator(metas[name]) == (role == "generator")
                 if not kind_ok or (
@@ -879,12 +1119,14 @@ def build_app(args: dict[str, Any]) -> Any:
                 retriever,
                 handles[gen] if gen else None,
                 handles[r.rag.reader] if r.rag.reader else None,
-                metas[gen]["path"] if gen else None,
+                # Passages are counted in the tokens of the model that reads them.
+                metas[gen]["path"] if gen else (metas[r.rag.vlm]["path"] if r.rag.vlm else None),
                 r.rag.passage_budget,
                 r.default_k,
                 r.max_k,
                 by_name[gen].generation.model_dump() if gen else None,
                 parsed.limits.max_new_tokens,
                 r.rag.chat,
+                vlm=handles[r.rag.vlm] if r.rag.vlm else None,
             )
     return build_ingress(parsed).options(name="Ingress").bind(handles, metas, retriever, rag)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any, overload
 
 import httpx
@@ -111,6 +112,46 @@ def _sse_piece(line: str, chat: bool) -> str | None:
     return (choice.get("delta", {}).get("content") if chat else choice.get("text")) or None
 
 
+IMAGE_MAGIC = {
+    b"\x89PNG": "png",
+    b"\xff\xd8\xff": "jpeg",
+    b"GIF8": "gif",
+    b"RIFF": "webp",
+    b"BM": "bmp",
+}
+
+
+def image_payload(image: bytes | str | Path) -> bytes:
+    """The bytes of an image given as bytes or a file path."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    return Path(image).expanduser().read_bytes()
+
+
+def image_data_uri(image: bytes | str | Path) -> str:
+    """``data:image/<type>;base64,...`` of an image (bytes or a file path)."""
+    import base64
+
+    data = image_payload(image)
+    kind = next((k for magic, k in IMAGE_MAGIC.items() if data.startswith(magic)), "png")
+    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _vlm_body(
+    image: bytes | str | Path, prompt: str, model: str | None, params: dict[str, Any]
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"image": image_data_uri(image), "prompt": prompt}
+    if model is not None:
+        body["model"] = model
+    if params:
+        body["parameters"] = params
+    return body
+
+
+def _vlm_form(prompt: str, model: str | None) -> dict[str, str]:
+    return {"prompt": prompt, **({"model": model} if model is not None else {})}
+
+
 class _Routes:
     """Task-route conveniences shared by both clients (each returns one prediction dict)."""
 
@@ -200,11 +241,11 @@ class Client(_Routes):
     def __exit__(self, *_: Any) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, json_body: Any = None) -> httpx.Response:
+    def _send(self, method: str, path: str, json_body: Any = None, **kwargs: Any) -> httpx.Response:
         attempt = 0
         while True:
             try:
-                response = self._http.request(method, path, json=json_body)
+                response = self._http.request(method, path, json=json_body, **kwargs)
             except httpx.TransportError:
                 if attempt >= self.retries:
                     raise
@@ -215,11 +256,34 @@ class Client(_Routes):
             attempt += 1
             self.retried += 1
 
-    def _request(self, method: str, path: str, json_body: Any = None) -> Any:
-        response = self._send(method, path, json_body)
+    def _request(self, method: str, path: str, json_body: Any = None, **kwargs: Any) -> Any:
+        response = self._send(method, path, json_body, **kwargs)
         if response.status_code >= 400:
             raise _error(response)
         return response.json()
+
+    def vlm(
+        self,
+        image: bytes | str | Path,
+        prompt: str,
+        *,
+        model: str | None = None,
+        upload: bool = False,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """``/v1/tasks/multimodal``: a question about an image (bytes or a file path) →
+        ``{"text"}``. ``upload=True`` sends a multipart upload instead of base64 JSON
+        (generation settings go with JSON only)."""
+        if upload:
+            files = {"image": ("image", image_payload(image), "application/octet-stream")}
+            data = self._request(
+                "POST", "/v1/tasks/multimodal", files=files, data=_vlm_form(prompt, model)
+            )
+        else:
+            data = self._request(
+                "POST", "/v1/tasks/multimodal", _vlm_body(image, prompt, model, params)
+            )
+        return TaskResponse.model_validate(data).predictions[0]
 
     def health(self) -> bool:
         """True when the server process answers."""
@@ -327,10 +391,14 @@ class Client(_Routes):
         k: int | None = None,
         filters: dict[str, Any] | None = None,
         mode: str = "generate",
+        image: bytes | str | Path | None = None,
         **params: Any,
     ) -> dict[str, Any]:
-        """``/v1/rag``: the answer, its cited passages and per-stage timings."""
+        """``/v1/rag``: the answer, its cited passages and per-stage timings; with ``image``
+        the server's vision-language model answers about it from the passages."""
         body: dict[str, Any] = {"question": question, "mode": mode}
+        if image is not None:
+            body["image"] = image_data_uri(image)
         if k is not None:
             body["k"] = k
         if filters:
@@ -380,11 +448,11 @@ class AsyncClient(_Routes):
     async def __aexit__(self, *_: Any) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, json_body: Any = None) -> Any:
+    async def _request(self, method: str, path: str, json_body: Any = None, **kwargs: Any) -> Any:
         attempt = 0
         while True:
             try:
-                response = await self._http.request(method, path, json=json_body)
+                response = await self._http.request(method, path, json=json_body, **kwargs)
             except httpx.TransportError:
                 if attempt >= self.retries:
                     raise
@@ -438,6 +506,27 @@ class AsyncClient(_Routes):
         data = await self._request("POST", f"/v1/tasks/{task}", body)
         result = TaskResponse.model_validate(data)
         return result.predictions[0] if input is not None else result.predictions
+
+    async def vlm(
+        self,
+        image: bytes | str | Path,
+        prompt: str,
+        *,
+        model: str | None = None,
+        upload: bool = False,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """``/v1/tasks/multimodal`` (see ``Client.vlm``)."""
+        if upload:
+            files = {"image": ("image", image_payload(image), "application/octet-stream")}
+            data = await self._request(
+                "POST", "/v1/tasks/multimodal", files=files, data=_vlm_form(prompt, model)
+            )
+        else:
+            data = await self._request(
+                "POST", "/v1/tasks/multimodal", _vlm_body(image, prompt, model, params)
+            )
+        return TaskResponse.model_validate(data).predictions[0]
 
     async def complete(self, prompt: str, *, model: str, **params: Any) -> Generated:
         """``/v1/completions`` (see ``stream_complete`` for streaming)."""

@@ -70,6 +70,14 @@ class Limits(BaseModel):
     max_input_tokens: int = Field(default=4096, ge=1, description="prompt tokens (generators)")
     max_new_tokens: int = Field(default=512, ge=1, description="largest max_tokens accepted")
     max_messages: int = Field(default=256, ge=1, description="chat messages per request")
+    max_image_bytes: int = Field(
+        default=700_000,
+        ge=1024,
+        description="encoded image size (as base64 it must also fit max_body_bytes)",
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=64, description="width × height of a decoded image"
+    )
 
 
 class RagArgs(BaseModel):
@@ -79,6 +87,9 @@ class RagArgs(BaseModel):
 
     generator: str | None = Field(default=None, description="a served generator's name")
     reader: str | None = Field(default=None, description="a served extractive_qa head's name")
+    vlm: str | None = Field(
+        default=None, description="a served multimodal model: answers requests with an image"
+    )
     passage_budget: int = Field(default=384, ge=16, description="prompt tokens of passages")
     chat: bool = Field(default=False, description="wrap the RAG prompt in the chat template")
     num_cpus: float = Field(default=0.25, gt=0)
@@ -123,12 +134,12 @@ class AppArgs(BaseModel):
         rag = self.retrieval.rag if self.retrieval else None
         if rag is not None:
             names = {m.name for m in self.models}
-            for role in ("generator", "reader"):
+            for role in ("generator", "reader", "vlm"):
                 name = getattr(rag, role)
                 if name is not None and name not in names:
                     raise ValueError(f"retrieval.rag.{role}: no served model named {name!r}")
-            if rag.generator is None and rag.reader is None:
-                raise ValueError("retrieval.rag: name a generator, a reader, or both")
+            if rag.generator is None and rag.reader is None and rag.vlm is None:
+                raise ValueError("retrieval.rag: name a generator, a reader and/or a vlm")
         return self
 
     @field_validator("models")

@@ -232,14 +232,16 @@ class RagPipeline:
         max_new_tokens_limit: int = 512,
         chat: bool = False,
         max_question_chars: int = 2000,
+        vlm: DeploymentHandle | None = None,
     ) -> None:
-        if generator is None and reader is None:
-            raise ValueError("RagPipeline needs a generator, a reader, or both")
+        if generator is None and reader is None and vlm is None:
+            raise ValueError("RagPipeline needs a generator, a reader or a vlm")
         if passage_budget < 1:
             raise ValueError("passage_budget: must be at least 1 token")
         self.retriever = retriever
         self.generator = generator
         self.reader = reader
+        self.vlm = vlm
         self.passage_budget = passage_budget
         self.default_k = check_k(default_k, 5, max_k)
         self.max_k = max_k
@@ -352,6 +354,50 @@ class RagPipeline:
             },
         }
 
+    async def answer_with_image(
+        self,
+        question: str,
+        image: bytes,
+        k: int | None = None,
+        filters: dict[str, Any] | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Retriever → vision-language model: the passages that fit the budget and the
+        question (the rag task's cited prompt) are asked about ``image``; the answer comes
+        with its citations, like ``answer``'s generate mode (``mode`` is ``"vision"``)."""
+        if self.vlm is None:
+            raise ValueError("image: this pipeline has no vision-language model (rag.vlm)")
+        t0 = time.perf_counter()
+        question = check_query(question, self.max_question_chars).strip()
+        k = check_k(k, self.default_k, self.max_k)
+        sampling = check_params(params, self.defaults, self.max_new_tokens_limit)
+        passages = await self._retrieve(question, k, filters)
+        t1 = time.perf_counter()
+        # Passages are data inside the prompt text, never instructions to this pipeline.
+        prompt, used = build_prompt(question, passages, self.passage_budget, self.count_tokens)
+        t2 = time.perf_counter()
+        done = await self.vlm.answer.remote(image, prompt, sampling)
+        t3 = time.perf_counter()
+        cites = citations_for(done["text"], used)
+        return {
+            "mode": "vision",
+            "answer": cites["answer"],
+            "text": done["text"],
+            "citations": cites["citations"],
+            "unknown_citations": cites["unknown_citations"],
+            "passages": [public_passage(p) for p in used],
+            "usage": {
+                "prompt_tokens": done["prompt_tokens"],
+                "completion_tokens": done["completion_tokens"],
+            },
+            "timings_ms": {
+                "retrieve": _ms(t1 - t0),
+                "prompt": _ms(t2 - t1),
+                "generate": _ms(t3 - t2),
+                "total": _ms(time.perf_counter() - t0),
+            },
+        }
+
     async def _extract(
         self, question: str, passages: list[dict[str, Any]], t0: float, t1: float
     ) -> dict[str, Any]:
@@ -434,12 +480,12 @@ class RagPipeline:
     async def ready(self) -> bool:
         """True once every deployment this pipeline calls answers."""
         probes: list[Callable[[], Any]] = [self.retriever.info.remote]
-        probes += [h.ready.remote for h in (self.generator, self.reader) if h is not None]
+        probes += [h.ready.remote for h in (self.generator, self.reader, self.vlm) if h is not None]
         results = await asyncio.gather(*(p() for p in probes), return_exceptions=True)
         return not any(isinstance(r, BaseException) or r is False for r in results)
 
     def check_health(self) -> None:
         """Serve's periodic probe. The pipeline holds no model; its dependencies have their own
         probes, and failing here would only restart this replica for someone else's fault."""
-        if self.generator is None and self.reader is None:
-            raise RuntimeError("no generator or reader configured")
+        if self.generator is None and self.reader is None and self.vlm is None:
+            raise RuntimeError("no generator, reader or vlm configured")

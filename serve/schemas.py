@@ -156,6 +156,20 @@ class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
 
 
+class MultimodalRequest(BaseModel):
+    """``POST /v1/tasks/multimodal`` as JSON (a multipart upload has the same fields, with
+    ``image`` as the file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    image: StrictStr = Field(
+        min_length=1, description="data:image/png;base64,... or plain base64 of the file"
+    )
+    prompt: StrictStr = Field(min_length=1)
+    parameters: GenerationParameters | None = None
+
+
 # ----- retrieval and RAG --------------------------------------------------------------------
 class RetrieveRequest(BaseModel):
     """``POST /v1/retrieve``: top-``k`` passages for ``query`` (optional payload filters)."""
@@ -194,3 +208,9 @@ class RagRequest(BaseModel):
     mode: Literal["generate", "extractive"] = "generate"
     stream: StrictBool = False
     parameters: GenerationParameters | None = None
+    image: StrictStr | None = Field(
+        default=None,
+        min_length=1,
+        description="an image (data:image/...;base64,... or plain base64): the passages and "
+        "the question go to the retrieval config's vlm with it",
+    )

@@ -183,7 +183,14 @@ class MultimodalTask(Task):
         ids = bos_prefix(tokenizer) + list(
             tokenizer(self.prompt(row), add_special_tokens=False)["input_ids"]
         )
-        return self._expand(ids[max(0, len(ids) - budget) :], image_id)[0]
+        if len(ids) > budget and image_id in ids:
+            # Too long: keep the placeholder and the end of the text (the question, next to
+            # where the answer starts); drop text from just after the image.
+            at = ids.index(image_id)
+            head, tail = ids[: at + 1], ids[at + 1 :]
+            keep = max(budget - len(head), 0)
+            ids = head + (tail[len(tail) - keep :] if keep else [])
+        return self._expand(ids, image_id)[0]
 
     def encode_row(self, row: dict[str, Any], tokenizer: Any) -> dict[str, list[int]]:
         if "answer" not in row:

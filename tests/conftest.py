@@ -119,3 +119,30 @@ def ray_session():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_bundle(tmp_path_factory) -> Path:
+    """A multimodal bundle made directly (no training): tiny ViT + projector + tiny llama."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from actors.bundle import write_manifest
+    from actors.config import ModelOptions
+    from actors.modeling import build_model, resolve_model_path
+    from actors.tiny import TINY_VISION
+    from actors.vlm import save_vlm
+    from tasks import get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny:llama"))
+    torch.manual_seed(0)
+    options = ModelOptions(name_or_path="tiny:llama", init="random", vision=TINY_VISION)
+    model = build_model(options, "vision_causal_lm", tokenizer=tokenizer).model.eval()
+    task = get_task(
+        "multimodal", max_length=480, options={"num_image_tokens": model.num_image_tokens}
+    )
+    path = tmp_path_factory.mktemp("vlm-bundle")
+    save_vlm(path, model, model.state_dict())
+    tokenizer.save_pretrained(path)
+    write_manifest(path, task, "tiny:llama")
+    return path

@@ -234,3 +234,13 @@ def test_tokenize_rows_decodes_images_and_rejects_bad_ones(tmp_path, tokenizer):
     assert "file not found" in errors[4]
     assert not np.allclose(out["pixel_values"][0], 0)
     np.testing.assert_allclose(out["pixel_values"][0], out["pixel_values"][1])  # same picture
+
+
+def test_long_prompts_keep_the_image_and_the_end_of_the_question(tokenizer):
+    task = get_task("multimodal", max_length=40, options={"num_image_tokens": 16})
+    long = "context " * 50 + "What colour is the square?"
+    ids = task.encode_prompt({"prompt": long}, tokenizer)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert ids.count(image_id) == 16
+    assert len(ids) <= 40
+    assert tokenizer.decode(ids).endswith("What colour is the square?\nAnswer:")
