@@ -1,13 +1,21 @@
-"""Serving throughput on this machine: taskray's batched Ray Serve deployment vs the same
-deployment without batching vs a plain FastAPI + uvicorn server around a `transformers`
-pipeline, for the MiniLM sentiment classifier: requests/s and p50/p99 latency at a closed-loop
-concurrency of 1, 8 and 32 over HTTP on loopback.
+"""Serving throughput on this machine, in two sections. Classifier: taskray's batched Ray Serve
+deployment vs the same deployment without batching vs a plain FastAPI + uvicorn server around a
+`transformers` pipeline, for the MiniLM sentiment classifier: requests/s and p50/p99 latency at
+a closed-loop concurrency of 1, 8 and 32 over HTTP on loopback. Generator: a tiny causal LM
+streamed over server-sent events from ``/v1/completions`` vs ``model.generate`` in-process:
+time to first token and tokens/s at a concurrency of 1 and 4.
 
     flock /tmp/taskray-ray.lock python benchmarks/serve_throughput.py          # a few minutes
     flock /tmp/taskray-ray.lock python benchmarks/serve_throughput.py --smoke  # what CI runs
     flock /tmp/taskray-ray.lock python benchmarks/serve_throughput.py --bundle PATH  # trained
+    flock /tmp/taskray-ray.lock python benchmarks/serve_throughput.py --only generator
 
-(Only one Ray cluster may run on the machine at a time, hence the shared lock.)
+(Only one Ray cluster may run on the machine at a time, hence the shared lock. ``--only
+classifier|generator`` runs one section and keeps the other's figures from the existing
+results file, marking them under ``kept_from_earlier_run``.)
+
+Classifier
+----------
 
 The model: with ``--bundle PATH`` a trained bundle (``taskray quickstart --output
 runs/quickstart`` writes ``runs/quickstart/bundle``). By default, smoke or not, the script writes
@@ -47,10 +55,54 @@ On a CPU-bound machine batching can only save the difference between those two, 
 ``compute.batching_ceiling`` (their ratio) bounds what batched/unbatched can reach even with
 zero serving overhead.
 
-Prints a table and writes benchmarks/results/serve_throughput[-smoke].{json,png}. Every ratio is
-between figures measured in this invocation. Targets (reported, not asserted): batched ≥ 3×
-unbatched at concurrency 32; batched ≥ 1.0× the FastAPI baseline at concurrency 32 with a p99
-no worse than its.
+Targets (reported, not asserted): batched ≥ 3× unbatched at concurrency 32; batched ≥ 1.0× the
+FastAPI baseline at concurrency 32 with a p99 no worse than its.
+
+Generator
+---------
+The model: ``tiny:llama`` (``actors.tiny``: 2 layers, hidden size 64, a 600-token byte-level
+BPE) with random weights (seed 0), saved with its tokenizer as a plain HF model directory in a
+temporary directory. For these prompts the random weights do not emit EOS within 64 tokens,
+so every request generates exactly ``--max-tokens`` tokens (the JSON's finish reasons and
+``usage_check.generated_tokens`` show it; nothing relies on it). A token costs the model about
+1-2 ms on one thread, so the figures magnify the per-token cost of serving; a real model
+spends far more per token in the forward pass and the relative overhead shrinks accordingly.
+
+- Serve: the ``writer`` generator of ``configs/serve-llm.yaml`` (its ``num_cpus``, batching and
+  generation defaults; the other models, retrieval and autoscaling left out, one replica)
+  deployed the way ``taskray serve`` does (``cluster.serving``), API key auth on, in the
+  classifier section's Ray cluster after its Serve instance and baseline server have stopped
+  (Serve starts anew, with only the generator app). Each request is ``POST
+  /v1/completions`` with ``stream: true``, ``temperature: 0`` and ``max_tokens``; the client
+  reads the SSE lines as they arrive. TTFT = from sending the request to the first ``data:``
+  chunk with non-empty text. Streamed tokens/s (``decode``) per request = tokens generated
+  between the first and the last non-empty chunk ÷ the time between them; aggregate tokens/s
+  = all tokens ÷ the wall time of the closed loop (1 or 4 clients).
+- In-process: the same weights loaded in this process with the replica's torch thread count
+  (``serve.config.replica_threads`` of the model's ``num_cpus``), one prompt at a time, greedy,
+  same ``max_new_tokens``: ``generate`` feeding a ``TextIteratorStreamer`` in a thread (TTFT =
+  from tokenising to the first non-empty text piece; decode rate as above), plain ``generate``
+  (tokens/s), and the prompts four at a time in one left-padded ``generate`` (``batch4``: the
+  aggregate that batching could reach; Serve does not batch streams). Measured while the Serve
+  app is up and idle, a few passes over the prompts before each Serve cell and pooled, so that
+  both share the cores with an idle Ray cluster, and with drifting load from other work, alike.
+
+Token counts are not taken from the stream (its chunks carry text, not token counts): decoding
+is greedy, so every streamed text must equal the in-process reference's text for its prompt,
+whose token count (and the number of tokens generated when the first and the last non-empty
+piece appeared, recorded by a counting streamer) is then exact; a stream that differs is
+counted as a mismatch and its tokens re-counted by re-tokenising its text. Before measuring,
+one non-streamed request per prompt checks the text and ``usage.completion_tokens`` against
+the reference (``usage_check``). CPU time per token by process is recorded as for the
+classifier.
+
+Ratios: Serve decode tokens/s ÷ in-process streamed decode tokens/s (per-request p50), Serve
+aggregate ÷ in-process plain ``generate``, Serve at 4 clients ÷ in-process ``batch4``, and the
+TTFT overhead (Serve − in-process, p50 and p99; at 4 clients it includes queueing).
+
+Prints tables and writes benchmarks/results/serve_throughput[-smoke].{json,png} (the generator's
+figures under ``"generator"``, its chart in the bottom row). Every ratio is between figures
+measured in this invocation.
 """
 
 from __future__ import annotations
@@ -156,6 +208,30 @@ def process_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
+def _deployment_names() -> list[str]:
+    """The running Serve deployments' names, longest first (empty when Ray is not up)."""
+    try:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return []
+        apps = serve.status().applications.values()
+        return sorted({d for app in apps for d in app.deployments}, key=len, reverse=True)
+    except Exception:  # accounting only: never fail a measurement over a label
+        return []
+
+
+def _deployment_label(tail: str, deployments: list[str]) -> str:
+    """A replica's deployment name from the end of its process title: Ray appends the method
+    it runs (or last ran), e.g. ``generator-writer.handle_request_with_rejection``, and a
+    label that changes between two snapshots would drop that process from the accounting."""
+    for name in deployments:
+        if tail == name or tail.startswith(name + "."):
+            return name
+    return tail
+
+
 def cpu_snapshot(extra: dict[int, str] | None = None) -> dict[str, float]:
     """CPU seconds so far of the processes that serve requests, by role: the Serve proxy,
     each Serve replica (``ServeReplica:<app>:<deployment>`` → the deployment's name), Ray's own
@@ -164,6 +240,7 @@ def cpu_snapshot(extra: dict[int, str] | None = None) -> dict[str, float]:
     if not Path("/proc/self/stat").exists():
         return {}
     labels: dict[int, str] = {os.getpid(): "load_generator", **(extra or {})}
+    deployments = _deployment_names()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) in labels:
             continue
@@ -172,7 +249,7 @@ def cpu_snapshot(extra: dict[int, str] | None = None) -> dict[str, float]:
         except OSError:
             continue
         if argv0.startswith("ray::ServeReplica:"):
-            labels[int(entry.name)] = argv0.rsplit(":", 1)[-1]
+            labels[int(entry.name)] = _deployment_label(argv0.rsplit(":", 1)[-1], deployments)
         elif argv0.startswith("ray::ProxyActor"):
             labels[int(entry.name)] = "serve_proxy"
         elif argv0.startswith("ray::ServeController"):
@@ -486,20 +563,29 @@ def batch_sizes(deployment: str, app_name: str) -> Counter[int] | None:
         return None
 
 
+def ensure_ray() -> float:
+    """Start this process's Ray cluster unless it runs already (the two sections share one,
+    each with Serve started and shut down anew); the seconds it took, 0.0 if it ran."""
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    t0 = time.perf_counter()
+    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - t0
+
+
 @contextmanager
 def serve_app(bundle: Path, tmp: Path, info: dict[str, Any]) -> Iterator[dict[str, Target]]:
-    """Start Ray, deploy the app as ``taskray serve`` does, wait for ``/readyz``, yield the
-    batched and unbatched targets; shut Serve and Ray down however the block ends. Fills
-    ``info`` with start-up timings and the served model specs."""
-    import ray
+    """Start Ray (``ensure_ray``), deploy the app as ``taskray serve`` does, wait for
+    ``/readyz``, yield the batched and unbatched targets; shut Serve down however the block
+    ends. Fills ``info`` with start-up timings and the served model specs."""
     from ray import serve
 
     from cluster import serving
 
-    t0 = time.perf_counter()
-    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    info["ray_start_s"] = ensure_ray()
     try:
-        info["ray_start_s"] = time.perf_counter() - t0
         path, models = write_serve_config(tmp, bundle, free_port())
         config = serving.load_serve_config(str(path))
         url = serving.base_url(config)
@@ -527,18 +613,602 @@ def serve_app(bundle: Path, tmp: Path, info: dict[str, Any]) -> Iterator[dict[st
             for system, kind in (("serve_batched", "batched"), ("serve_unbatched", "unbatched"))
         }
     finally:
+        serve.shutdown()  # Ray itself stays up for the next section; main() shuts it down
+
+
+# ----- the generator: streamed tokens over SSE vs model.generate in-process ---------------------
+GEN_CONCURRENCY = (1, 4)
+GEN_MAX_TOKENS = 64
+GEN_CONFIG = ROOT / "configs" / "serve-llm.yaml"
+PROMPTS = [
+    "Write a short note about the train timetable.",
+    "Summarize the following article in one sentence.",
+    "Question: what is 12 times 7? Answer:",
+    "You are a helpful assistant. Please answer briefly and politely.",
+    "Translate English to German: The weather is nice today.",
+    "Paris is the capital of France; Berlin is",
+    "The quick brown fox",
+    "def add(a, b):",
+]
+
+
+def generator_model() -> dict[str, Any]:
+    """The generator entry of configs/serve-llm.yaml (``writer``) as written there."""
+    import yaml
+
+    cfg = yaml.safe_load(GEN_CONFIG.read_text())
+    models = cfg["applications"][0]["args"]["models"]
+    return copy.deepcopy(next(m for m in models if m["name"] == "writer"))
+
+
+def _gen_threads() -> int:
+    from serve.config import ServedModel
+
+    spec = ServedModel.model_validate({**generator_model(), "bundle": "unused"})
+    return replica_threads(spec.num_cpus)
+
+
+# What GeneratorBase.__init__ gives the replica; the in-process reference uses the same.
+GEN_THREADS = _gen_threads()
+
+
+def build_tiny_lm(directory: Path) -> Path:
+    """A plain HF model directory (no taskray manifest): ``tiny:llama``'s config and tokenizer
+    with random weights (seed 0), saved as safetensors. ``tiny_model_path`` holds no weights."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    source = tiny_model_path("tiny:llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
+def pct(values: list[float], q: float, scale: float = 1.0) -> float | None:
+    """The q-th percentile of values times scale, or None when there are none."""
+    return float(np.percentile(np.array(values) * scale, q)) if values else None
+
+
+def stream_figures(
+    ttft_s: list[float], decode_tok_s: list[float], e2e_tok_s: list[float]
+) -> dict[str, Any]:
+    """TTFT percentiles (ms) and per-request token rates of a set of streamed requests."""
+    return {
+        "ttft_p50_ms": pct(ttft_s, 50, 1000.0),
+        "ttft_p99_ms": pct(ttft_s, 99, 1000.0),
+        "ttft_mean_ms": float(np.mean(ttft_s) * 1000.0) if ttft_s else None,
+        "decode_tok_s_p50": pct(decode_tok_s, 50),
+        "decode_tok_s_mean": float(np.mean(decode_tok_s)) if decode_tok_s else None,
+        "e2e_tok_s_p50": pct(e2e_tok_s, 50),
+    }
+
+
+def decode_rate(k_first: int, k_last: int, t_first: float, t_last: float) -> float | None:
+    """Tokens generated between the first and the last text piece per second (None when the
+    request streamed a single piece)."""
+    return (
+        (k_last - k_first) / (t_last - t_first) if t_last > t_first and k_last > k_first else None
+    )
+
+
+class InProcess:
+    """The reference: the same weights in this process, greedy ``model.generate`` with
+    ``threads`` torch threads and ``max_tokens`` new tokens, one prompt at a time.
+
+    - streamed: ``generate`` in a thread feeding a ``TextIteratorStreamer`` (what the replica
+      does); TTFT = time from tokenising until the first non-empty text piece; the decode rate
+      counts the tokens generated between the first and the last non-empty piece.
+    - plain: ``generate`` without a streamer, tokens / wall time per call.
+    - batch: ``max(GEN_CONCURRENCY)`` prompts at a time in one left-padded ``generate``
+      (aggregate tokens/s: what batching could reach; Serve's streams are not batched).
+
+    ``run`` adds passes over the prompts (called between the Serve cells, so that drifting
+    load on a shared machine hits both alike); ``summary`` pools them. ``reference`` holds, per
+    prompt, the continuation (text, tokens generated, tokens generated when the first and the
+    last non-empty piece appeared) that the Serve figures are checked and counted against:
+    decoding is greedy, so Serve must stream exactly this text."""
+
+    def __init__(self, model_dir: Path, prompts: list[str], threads: int, max_tokens: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.prompts, self.threads = prompts, threads
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
+        self.model.eval()
+        self.eos = self.tok.eos_token_id
+        self.gen_kwargs = {
+            "max_new_tokens": max_tokens,
+            "do_sample": False,
+            "use_cache": True,
+            "pad_token_id": self.tok.pad_token_id,
+            "eos_token_id": self.eos,
+        }
+        self.streams: list[dict[str, Any]] = []
+        self.plains: list[tuple[int, float]] = []
+        self.batches: list[tuple[int, float]] = []
+        self.reference: dict[str, dict[str, Any]] = {}
+        self.width = max(GEN_CONCURRENCY)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
         try:
-            serve.shutdown()
+            self._streamed(prompts[0]), self._plain(prompts[:1])  # warm-up
+            for prompt in prompts:
+                self.reference[prompt] = self._streamed(prompt)
         finally:
-            ray.shutdown()
+            torch.set_num_threads(previous)
+
+    def _new_ids(self, out: Any, prompt_len: int, row: int = 0) -> list[int]:
+        ids = out[row, prompt_len:].tolist()
+        return ids[: ids.index(self.eos) + 1] if self.eos in ids else ids
+
+    def _streamed(self, prompt: str) -> dict[str, Any]:
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        class CountingStreamer(TextIteratorStreamer):
+            """Records how many new tokens existed when each text piece was emitted."""
+
+            def __init__(self, *a: Any, **kw: Any) -> None:
+                super().__init__(*a, **kw)
+                self.tokens, self.counts = 0, []
+
+            def put(self, value: Any) -> None:
+                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                    self.tokens += int(value.numel())
+                super().put(value)
+
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                self.counts.append(self.tokens)  # before the consumer can see the piece
+                super().on_finalized_text(text, stream_end)
+
+        t0 = time.perf_counter()
+        enc = self.tok(prompt, return_tensors="pt", add_special_tokens=False)
+        streamer = CountingStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        out: dict[str, Any] = {}
+
+        def run() -> None:
+            with torch.inference_mode():
+                out["ids"] = self.model.generate(**enc, **self.gen_kwargs, streamer=streamer)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        pieces = [(time.perf_counter(), piece) for piece in streamer]
+        t_end = time.perf_counter()
+        thread.join()
+        shown = [(t, i) for i, (t, piece) in enumerate(pieces) if piece]
+        ids = self._new_ids(out["ids"], enc["input_ids"].shape[1])
+        first, last = (shown[0], shown[-1]) if shown else ((t_end, 0), (t_end, 0))
+        k_first, k_last = streamer.counts[first[1]], streamer.counts[last[1]]
+        pad = self.tok.pad_token_id
+        return {
+            "text": "".join(p for _, p in pieces),
+            "n_tokens": len(ids),
+            # taskray's usage convention: generated pad tokens are not counted
+            "n_without_pad": sum(t != pad or t == self.eos for t in ids),
+            "k_first": k_first,
+            "k_last": k_last,
+            "ttft_s": first[0] - t0,
+            "decode_tok_s": decode_rate(k_first, k_last, first[0], last[0]),
+            "e2e_tok_s": len(ids) / (t_end - t0),
+        }
+
+    def _plain(self, batch: list[str]) -> tuple[int, float]:
+        import torch
+
+        t0 = time.perf_counter()
+        self.tok.padding_side = "left"
+        enc = self.tok(batch, return_tensors="pt", add_special_tokens=False, padding=True)
+        with torch.inference_mode():
+            out = self.model.generate(**enc, **self.gen_kwargs)
+        seconds = time.perf_counter() - t0
+        width = enc["input_ids"].shape[1]
+        return sum(len(self._new_ids(out, width, r)) for r in range(len(batch))), seconds
+
+    def run(self, passes: int) -> None:
+        """``passes`` times over the prompts: streamed, plain, and batched."""
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for _ in range(passes):
+                self.streams += [self._streamed(p) for p in self.prompts]
+                self.plains += [self._plain([p]) for p in self.prompts]
+                self.batches += [
+                    self._plain(self.prompts[i : i + self.width])
+                    for i in range(0, len(self.prompts), self.width)
+                ]
+        finally:
+            torch.set_num_threads(previous)
+
+    def summary(self) -> dict[str, Any]:
+        runs = self.streams
+        decode = [r["decode_tok_s"] for r in runs if r["decode_tok_s"] is not None]
+        stream = stream_figures([r["ttft_s"] for r in runs], decode, [r["e2e_tok_s"] for r in runs])
+        tokens = sum(r["n_tokens"] for r in runs)
+        stream.update(
+            requests=len(runs),
+            tokens=tokens,
+            aggregate_tok_s=tokens / sum(r["n_tokens"] / r["e2e_tok_s"] for r in runs),
+        )
+        return {
+            "threads": self.threads,
+            "streamed": stream,
+            "plain": {
+                "requests": len(self.plains),
+                "tok_s_p50": pct([n / s for n, s in self.plains], 50),
+                "aggregate_tok_s": sum(n for n, _ in self.plains) / sum(s for _, s in self.plains),
+            },
+            f"batch{self.width}": {
+                "calls": len(self.batches),
+                "aggregate_tok_s": sum(n for n, _ in self.batches)
+                / sum(s for _, s in self.batches),
+            },
+        }
 
 
-# ----- generator streaming (extension point) ----------------------------------------------------
-# When serve/ has a generator deployment, this is where its benchmark goes: a function
-# `measure_generation(...) -> dict` reporting streamed tokens/s and time to first token through
-# the Serve app against `model.generate` in-process, called from `main()` at the marked place,
-# its figures stored under report["generation"], printed and charted like the classification
-# figures. Nothing is measured for generation yet, so nothing is printed or written for it.
+def write_generator_config(tmp: Path, model_dir: Path, port: int) -> tuple[Path, dict[str, Any]]:
+    """``configs/serve-llm.yaml`` reduced to its generator (``writer``) and the ingress: this
+    model directory, an API key file, a free loopback port, and one replica (the file's
+    autoscaling would not add one below 8 ongoing requests anyway)."""
+    import yaml
+
+    cfg = yaml.safe_load(GEN_CONFIG.read_text())
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    app = cfg["applications"][0]
+    key_file = tmp / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    args = app["args"]
+    args.update(api_key_file=str(key_file), api_key_env=None)
+    args.pop("retrieval", None)
+    writer = generator_model()
+    writer.update(bundle=str(model_dir), device="cpu")
+    args["models"] = [writer]
+    deployments = []
+    for entry in app.get("deployments") or []:
+        if entry["name"] == f"generator-{writer['name']}":
+            entry = {k: v for k, v in entry.items() if k != "autoscaling_config"}
+            deployments.append({**entry, "num_replicas": 1})
+        elif entry["name"] == "Ingress":
+            deployments.append(entry)
+    app["deployments"] = deployments
+    path = tmp / "serve-llm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, {"model": writer, "deployments": deployments}
+
+
+@contextmanager
+def generator_app(model_dir: Path, tmp: Path, info: dict[str, Any]) -> Iterator[str]:
+    """Start Ray unless it runs (``ensure_ray``), deploy the generator as ``taskray serve``
+    does, wait for ``/readyz``, yield the base URL; shut Serve down however the block ends."""
+    from ray import serve
+
+    from cluster import serving
+
+    info["ray_start_s"] = ensure_ray()
+    try:
+        path, deployed = write_generator_config(tmp, model_dir, free_port())
+        config = serving.load_serve_config(str(path))
+        url = serving.base_url(config)
+        t1 = time.perf_counter()
+        serving.deploy(config)
+        serving.wait_ready(url, timeout_s=300, progress=lambda *_: None)
+        info["serve_ready_s"] = time.perf_counter() - t1
+        info["deployed"] = deployed
+        yield url
+    finally:
+        serve.shutdown()  # Ray itself stays up for the next section; main() shuts it down
+
+
+@dataclass
+class GenCell:
+    """Streamed completions at one concurrency."""
+
+    concurrency: int
+    seconds: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    e2e_tok_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    finish: Counter[str] = field(default_factory=Counter)
+    mismatches: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    error_samples: dict[str, str] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        ok = len(self.ttft_s)
+        return {
+            "concurrency": self.concurrency,
+            "ok": ok,
+            "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors),
+            "error_samples": self.error_samples,
+            "text_mismatches": self.mismatches,
+            "finish_reasons": dict(self.finish),
+            "seconds": self.seconds,
+            "tokens": self.tokens,
+            "aggregate_tok_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+            **stream_figures(self.ttft_s, self.decode_tok_s, self.e2e_tok_s),
+            "cpu_ms_per_token": {
+                k: v * 1000.0 / self.tokens
+                for k, v in sorted(self.cpu_s.items())
+                if self.tokens and v > 0
+            },
+        }
+
+
+async def _stream_one(
+    client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
+) -> dict[str, Any]:
+    """One ``stream: true`` completion: arrival times of the non-empty text chunks, the text,
+    the finish reason (raises on a non-200 answer or an in-band error)."""
+    body = {
+        "model": "writer",
+        "prompt": prompt,
+        "stream": True,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
+    start = time.perf_counter()
+    times: list[float] = []
+    text, finish, done = [], None, False
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            now = time.perf_counter()
+            if line == "data: [DONE]":
+                done = True
+                break
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(f"in-band error: {event['error']}")
+            choice = event["choices"][0]
+            if choice.get("text"):
+                times.append(now)
+                text.append(choice["text"])
+            finish = choice.get("finish_reason") or finish
+    end = time.perf_counter()
+    if not done:
+        raise RuntimeError("stream ended without [DONE]")
+    return {"start": start, "end": end, "times": times, "text": "".join(text), "finish": finish}
+
+
+async def _gen_closed_loop(
+    client: httpx.AsyncClient,
+    url: str,
+    cell: GenCell,
+    reference: dict[str, dict[str, Any]],
+    count_tokens: Callable[[str], int],
+    n_requests: int,
+    time_limit_s: float,
+    max_tokens: int,
+    offset: int = 0,
+) -> None:
+    prompts = list(reference)
+    issued = 0
+    deadline = time.perf_counter() + time_limit_s
+
+    async def one_client() -> None:
+        nonlocal issued
+        while issued < n_requests and time.perf_counter() < deadline:
+            prompt = prompts[(offset + issued) % len(prompts)]
+            issued += 1
+            try:
+                r = await _stream_one(client, url, prompt, max_tokens)
+            except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as err:
+                kind = type(err).__name__
+                cell.errors[kind] += 1
+                cell.error_samples.setdefault(kind, str(err)[:300])
+                continue
+            ref = reference[prompt]
+            if r["text"] == ref["text"]:
+                n, k_first, k_last = ref["n_tokens"], ref["k_first"], ref["k_last"]
+            else:  # not the greedy text: count what came back by re-tokenising it
+                cell.mismatches += 1
+                n = count_tokens(r["text"])
+                k_first, k_last = 1, n
+            cell.tokens += n
+            cell.finish[str(r["finish"])] += 1
+            times = r["times"] or [r["end"]]
+            cell.ttft_s.append(times[0] - r["start"])
+            cell.e2e_tok_s.append(n / (r["end"] - r["start"]))
+            rate = decode_rate(k_first, k_last, times[0], times[-1])
+            if rate is not None:
+                cell.decode_tok_s.append(rate)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one_client() for _ in range(cell.concurrency)))
+    cell.seconds = time.perf_counter() - t0
+
+
+async def _usage_check(
+    url: str, reference: dict[str, dict[str, Any]], max_tokens: int
+) -> dict[str, Any]:
+    """Non-streamed completions of every prompt: the server's text and own token count
+    (``usage.completion_tokens``) against the in-process reference's text, tokens generated,
+    and tokens generated less generated pad tokens (which taskray's usage leaves out)."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    rows = []
+    async with httpx.AsyncClient(timeout=60.0, headers=headers) as client:
+        for prompt, ref in reference.items():
+            body = {
+                "model": "writer",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+            }
+            response = await client.post(url, json=body)
+            data = response.json() if response.status_code == 200 else {}
+            usage = (data.get("usage") or {}).get("completion_tokens")
+            text = ((data.get("choices") or [{}])[0]).get("text")
+            rows.append({"usage": usage, "text_equal": text == ref["text"], **ref})
+    return {
+        "texts_equal": all(r["text_equal"] for r in rows),
+        "usage_equals_generated": all(r["usage"] == r["n_tokens"] for r in rows),
+        "usage_equals_generated_less_pad": all(r["usage"] == r["n_without_pad"] for r in rows),
+        "completion_tokens": [r["usage"] for r in rows],
+        "generated_tokens": [r["n_tokens"] for r in rows],
+        "generated_less_pad": [r["n_without_pad"] for r in rows],
+    }
+
+
+async def _measure_stream(
+    url: str,
+    concurrency: int,
+    reference: dict[str, dict[str, Any]],
+    count_tokens: Callable[[str], int],
+    n_requests: int,
+    time_limit_s: float,
+    warmup: int,
+    max_tokens: int,
+) -> GenCell:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(limits=limits, timeout=120.0, headers=headers) as client:
+        loop_args = (reference, count_tokens)
+        await _gen_closed_loop(
+            client, url, GenCell(concurrency), *loop_args, warmup, time_limit_s, max_tokens
+        )
+        cell = GenCell(concurrency)
+        before = cpu_snapshot()
+        await _gen_closed_loop(
+            client, url, cell, *loop_args, n_requests, time_limit_s, max_tokens, offset=warmup
+        )
+        after = cpu_snapshot()
+        cell.cpu_s = {k: v - before[k] for k, v in after.items() if k in before}
+    return cell
+
+
+def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
+    """The generator section: the tiny model deployed from configs/serve-llm.yaml and streamed
+    over HTTP at each of ``GEN_CONCURRENCY``, and in-process before each of those cells."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    timings: dict[str, float] = {}
+    n_requests = {1: 8, 4: 12} if smoke else {1: 80, 4: 160}
+    time_limit_s = 8.0 if smoke else 45.0
+    passes = 1 if smoke else 3  # in-process passes over the prompts before each Serve cell
+    cells: dict[int, GenCell] = {}
+    serve_info: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        model_dir = build_tiny_lm(tmp / "tiny-llama")
+        timings["model_s"] = time.perf_counter() - t0
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+        def count_tokens(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+        with generator_app(model_dir, tmp, serve_info) as url:
+            endpoint = f"{url}/v1/completions"
+            # In-process while the app is up and idle, a share of the passes before each Serve
+            # cell: both share the cores with Ray, and with any drifting load, alike.
+            t0 = time.perf_counter()
+            ref = InProcess(model_dir, PROMPTS, GEN_THREADS, max_tokens)
+            timings["inprocess_s"] = time.perf_counter() - t0
+            reference = ref.reference
+            usage = asyncio.run(_usage_check(endpoint, reference, max_tokens))
+            for c in GEN_CONCURRENCY:
+                t0 = time.perf_counter()
+                ref.run(passes)
+                timings["inprocess_s"] += time.perf_counter() - t0
+                s = ref.summary()["streamed"]
+                print(
+                    f"  in-process generate ({GEN_THREADS} thread, pooled so far): TTFT p50 "
+                    f"{s['ttft_p50_ms']:.1f} ms, decode {s['decode_tok_s_p50']:.0f} tok/s",
+                    flush=True,
+                )
+                cells[c] = asyncio.run(
+                    _measure_stream(
+                        endpoint,
+                        c,
+                        reference,
+                        count_tokens,
+                        n_requests[c],
+                        time_limit_s,
+                        warmup_streams(c),
+                        max_tokens,
+                    )
+                )
+                cs = cells[c].summary()
+                errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
+                print(
+                    f"  serve stream c={c}: TTFT p50 {cs['ttft_p50_ms'] or float('nan'):.1f} ms, "
+                    f"{cs['aggregate_tok_s']:.0f} tok/s aggregate ({cs['ok']} in "
+                    f"{cs['seconds']:.1f}s){errors}",
+                    flush=True,
+                )
+    timings.update({k: serve_info.pop(k) for k in ("ray_start_s", "serve_ready_s")})
+    timings["total_s"] = time.perf_counter() - started
+    inproc = {**ref.summary(), "passes_per_cell": passes}
+    results = {c: cells[c].summary() for c in GEN_CONCURRENCY}
+    ratios: dict[str, float | None] = {}
+    stream, plain = inproc["streamed"], inproc["plain"]
+    batch = inproc[f"batch{max(GEN_CONCURRENCY)}"]
+    for c, r in results.items():
+        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
+            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
+        )
+        ratios[f"serve_vs_inprocess_aggregate_tok_s_c{c}"] = ratio(
+            r["aggregate_tok_s"], plain["aggregate_tok_s"]
+        )
+        for q in ("p50", "p99"):
+            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
+            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
+                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
+            )
+    top = max(GEN_CONCURRENCY)
+    ratios[f"serve_vs_inprocess_batch{top}_aggregate_tok_s_c{top}"] = ratio(
+        results[top]["aggregate_tok_s"], batch["aggregate_tok_s"]
+    )
+    return {
+        "model": "tiny:llama config + tokenizer, random weights (seed 0), plain HF directory",
+        "config": str(GEN_CONFIG.relative_to(ROOT)),
+        "torch_threads": GEN_THREADS,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "prompts": len(PROMPTS),
+        "load": {
+            "n_requests": n_requests,
+            "time_limit_s": time_limit_s,
+            "warmup": {c: warmup_streams(c) for c in GEN_CONCURRENCY},
+        },
+        "serve": serve_info,
+        "usage_check": usage,
+        "inprocess": inproc,
+        "results": results,
+        "ratios": ratios,
+        "timings_s": timings,
+        # 1/5/15-minute load averages: other work on a shared machine shows up here
+        "load_average": {
+            "before": load_before,
+            "after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+    }
+
+
+def warmup_streams(concurrency: int) -> int:
+    """Streamed requests sent (and discarded) before measuring at this concurrency."""
+    return 2 * concurrency + 2
 
 
 # ----- report -----------------------------------------------------------------------------------
@@ -547,8 +1217,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def make_chart(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
-    """Throughput and p99 latency vs concurrency, one line per system."""
+def _by_concurrency(by_c: dict[Any, Any]) -> dict[int, Any]:
+    """Concurrency-keyed figures with int keys (JSON turns them into strings)."""
+    return {int(c): v for c, v in by_c.items()}
+
+
+def make_chart(report: dict[str, Any], path: Path) -> None:
+    """Top row (classifier): throughput and p99 latency vs concurrency, one line per system.
+    Bottom row (generator): tokens/s and time to first token, Serve streaming vs in-process."""
     try:
         import matplotlib
 
@@ -557,9 +1233,28 @@ def make_chart(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> Non
     except ImportError:
         print("(matplotlib not installed: no chart; pip install -e '.[bench]')")
         return
+    rows = [
+        r
+        for r in ("classifier", "generator")
+        if ("results" in report if r == "classifier" else "generator" in report)
+    ]
+    if not rows:
+        return
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9.5, 3.8 * len(rows)), squeeze=False)
+    for (left, right), row in zip(axes, rows, strict=True):
+        if row == "classifier":
+            _chart_classifier(report, left, right)
+        else:
+            _chart_generator(report["generator"], left, right)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _chart_classifier(report: dict[str, Any], left: Any, right: Any) -> None:
     colours = {"serve_batched": "#2a7", "serve_unbatched": "#77a", "fastapi_pipeline": "#999"}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
-    for system, by_c in results.items():
+    for system, by_c in report["results"].items():
+        by_c = _by_concurrency(by_c)
         xs = sorted(by_c)
         left.plot(xs, [by_c[c]["requests_per_s"] for c in xs], "o-", label=system,
                   color=colours[system])  # fmt: skip
@@ -573,17 +1268,78 @@ def make_chart(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> Non
         ax.grid(alpha=0.3)
     right.set_yscale("log")
     left.legend(fontsize=8)
-    fig.suptitle(f"MiniLM sentiment over HTTP ({NUM_CPUS} CPUs, {TORCH_THREADS} torch threads)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    threads = report.get("torch_threads", TORCH_THREADS)
+    left.set_title(
+        f"MiniLM sentiment over HTTP ({NUM_CPUS} CPUs, {threads} torch threads)",
+        fontsize=9,
+        loc="left",
+    )
+
+
+def _chart_generator(gen: dict[str, Any], left: Any, right: Any) -> None:
+    results = _by_concurrency(gen["results"])
+    inproc = gen["inprocess"]
+    batch_key = next(k for k in inproc if k.startswith("batch"))
+    names = [f"Serve SSE\nc={c}" for c in sorted(results)] + [
+        "in-process\nstreamer",
+        "in-process\ngenerate",
+        f"in-process\n{batch_key}",
+    ]
+    decode = [results[c]["decode_tok_s_p50"] for c in sorted(results)]
+    decode += [inproc["streamed"]["decode_tok_s_p50"], None, None]
+    aggregate = [results[c]["aggregate_tok_s"] for c in sorted(results)]
+    aggregate += [
+        inproc["streamed"]["aggregate_tok_s"],
+        inproc["plain"]["aggregate_tok_s"],
+        inproc[batch_key]["aggregate_tok_s"],
+    ]
+    xs = np.arange(len(names))
+    nan = float("nan")
+    left.bar(
+        xs - 0.2,
+        [v if v is not None else nan for v in decode],
+        0.4,
+        color="#2a7",
+        label="per-request decode rate (p50)",
+    )
+    left.bar(xs + 0.2, aggregate, 0.4, color="#77a", label="aggregate (all clients)")
+    left.set_xticks(xs, names, fontsize=7)
+    left.set_ylabel("tokens / s")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3, axis="y")
+    left.set_title(
+        f"tiny llama, {gen['max_tokens']} tokens/request, greedy, "
+        f"{gen['torch_threads']} torch thread",
+        fontsize=9,
+        loc="left",
+    )
+    tnames = names[: len(results) + 1]
+    p50 = [results[c]["ttft_p50_ms"] for c in sorted(results)] + [inproc["streamed"]["ttft_p50_ms"]]
+    p99 = [results[c]["ttft_p99_ms"] for c in sorted(results)] + [inproc["streamed"]["ttft_p99_ms"]]
+    txs = np.arange(len(tnames))
+    right.bar(txs - 0.2, [v if v is not None else nan for v in p50], 0.4, color="#2a7", label="p50")
+    right.bar(txs + 0.2, [v if v is not None else nan for v in p99], 0.4, color="#999", label="p99")
+    right.set_xticks(txs, tnames, fontsize=7)
+    right.set_yscale("log")
+    right.set_ylabel("time to first token (ms)")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3, axis="y")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="few requests per point; seconds")
     parser.add_argument("--bundle", type=Path, help="a trained classification bundle")
-    parser.add_argument("--requests", type=int, help="requests per point (default 600)")
-    parser.add_argument("--time-limit", type=float, help="seconds per point (default 30)")
+    parser.add_argument("--requests", type=int, help="classifier requests per point (600)")
+    parser.add_argument("--time-limit", type=float, help="classifier seconds per point (30)")
+    parser.add_argument(
+        "--only",
+        choices=("classifier", "generator"),
+        help="run one section; the other's figures are kept from the existing results file",
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=GEN_MAX_TOKENS, help="generator: tokens per request"
+    )
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -591,6 +1347,37 @@ def main() -> None:
     if args.baseline_server:
         run_baseline_server(str(args.bundle), args.port, args.threads)
         return
+    suffix = "-smoke" if args.smoke else ""
+    json_path = RESULTS / f"serve_throughput{suffix}.json"
+    report: dict[str, Any] = {}
+    if args.only and json_path.is_file():
+        report = json.loads(json_path.read_text())  # the section not run keeps its figures
+    try:
+        if args.only != "generator":
+            print("classifier (MiniLM sentiment):", flush=True)
+            report.update(run_classifier(args))
+            print_table(report)
+        if args.only != "classifier":
+            print(f"generator (tiny llama, {args.max_tokens} tokens per request, streamed):")
+            report["generator"] = measure_generation(args.smoke, args.max_tokens)
+            print_generator_table(report["generator"])
+    finally:
+        import ray
+
+        ray.shutdown()
+    if args.only:
+        other = "generator" if args.only == "classifier" else "classifier"
+        present = "generator" in report if other == "generator" else "results" in report
+        report["kept_from_earlier_run"] = [other] if present else []
+    report["machine"] = {"cpus": os.cpu_count(), "ray_num_cpus": NUM_CPUS}
+    report["smoke"] = args.smoke
+    RESULTS.mkdir(exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2))
+    make_chart(report, RESULTS / f"serve_throughput{suffix}.png")
+
+
+def run_classifier(args: argparse.Namespace) -> dict[str, Any]:
+    """The classifier half: the three systems at each concurrency (see the module docstring)."""
     sizes = {
         "n_requests": args.requests or (48 if args.smoke else 600),
         "time_limit_s": args.time_limit or (4.0 if args.smoke else 30.0),
@@ -641,8 +1428,6 @@ def main() -> None:
                                 mean = sum(k * v for k, v in new.items()) / sum(new.values())
                                 serve_info["mean_batch_size"][c] = mean
         timings.update({k: serve_info.pop(k) for k in ("ray_start_s", "serve_ready_s")})
-        # Extension point: report["generation"] = measure_generation(...) goes here, once
-        # serve/ has a generator deployment (see the section above).
     timings["total_s"] = time.perf_counter() - started
     results = {s: {c: cells[s][c].summary() for c in CONCURRENCY} for s in SYSTEMS}
     top = max(CONCURRENCY)
@@ -662,7 +1447,7 @@ def main() -> None:
         f"batched p99 ≤ fastapi p99 at c={top}": p99_vs_fastapi is not None
         and p99_vs_fastapi <= 1.0,
     }
-    report = {
+    return {
         "machine": {"cpus": os.cpu_count(), "ray_num_cpus": NUM_CPUS},
         "torch_threads": TORCH_THREADS,
         "compute": compute,
@@ -679,11 +1464,6 @@ def main() -> None:
         "timings_s": timings,
         "smoke": args.smoke,
     }
-    print_table(report)
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "-smoke" if args.smoke else ""
-    (RESULTS / f"serve_throughput{suffix}.json").write_text(json.dumps(report, indent=2))
-    make_chart(results, RESULTS / f"serve_throughput{suffix}.png")
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -736,6 +1516,98 @@ def print_table(report: dict[str, Any]) -> None:
         f"ray {t['ray_start_s']:.1f}s, serve ready {t['serve_ready_s']:.1f}s, "
         f"total {t['total_s']:.1f}s"
     )
+
+
+def print_generator_table(gen: dict[str, Any]) -> None:
+    """The generator figures: Serve streaming at each concurrency vs in-process generate."""
+    results = _by_concurrency(gen["results"])
+    inproc = gen["inprocess"]
+    batch_key = next(k for k in inproc if k.startswith("batch"))
+
+    def fmt(value: float | None, digits: int = 1) -> str:
+        return f"{value:.{digits}f}" if value is not None else "-"
+
+    print(
+        f"\ntiny llama (random weights), {gen['max_tokens']} new tokens per request, greedy, "
+        f"{gen['torch_threads']} torch thread(s), {gen['prompts']} prompts; TTFT = first "
+        "non-empty text piece"
+    )
+    print(
+        f"{'system':<22} {'conc':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'decode':>8} "
+        f"{'aggr.':>8} {'ok':>5} {'err':>4}"
+    )
+    print(f"{'':<22} {'':>4} {'ms':>9} {'ms':>9} {'tok/s':>8} {'tok/s':>8}")
+    for c, r in sorted(results.items()):
+        print(
+            f"{'serve SSE':<22} {c:>4} {fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} "
+            f"{fmt(r['decode_tok_s_p50'], 0):>8} {fmt(r['aggregate_tok_s'], 0):>8} "
+            f"{r['ok']:>5} {r['errors']:>4}"
+        )
+    s = inproc["streamed"]
+    print(
+        f"{'in-process streamer':<22} {1:>4} {fmt(s['ttft_p50_ms']):>9} "
+        f"{fmt(s['ttft_p99_ms']):>9} {fmt(s['decode_tok_s_p50'], 0):>8} "
+        f"{fmt(s['aggregate_tok_s'], 0):>8} {s['requests']:>5}"
+    )
+    plain = inproc["plain"]
+    print(
+        f"{'in-process generate':<22} {1:>4} {'-':>9} {'-':>9} {fmt(plain['tok_s_p50'], 0):>8} "
+        f"{fmt(plain['aggregate_tok_s'], 0):>8} {plain['requests']:>5}"
+    )
+    batch = inproc[batch_key]
+    width = int(batch_key.removeprefix("batch"))
+    print(
+        f"{'in-process ' + batch_key:<22} {width:>4} {'-':>9} {'-':>9} {'-':>8} "
+        f"{fmt(batch['aggregate_tok_s'], 0):>8} {batch['calls']:>5}"
+    )
+    usage = gen["usage_check"]
+    print(
+        "non-streamed check: texts "
+        + ("equal" if usage["texts_equal"] else "NOT equal")
+        + " to greedy in-process; usage.completion_tokens "
+        + ("equals" if usage["usage_equals_generated"] else "differs from")
+        + f" tokens generated ({usage['completion_tokens']} vs {usage['generated_tokens']})"
+        + (
+            ": it leaves out generated pad tokens"
+            if not usage["usage_equals_generated"] and usage["usage_equals_generated_less_pad"]
+            else ""
+        )
+    )
+    for c, r in sorted(results.items()):
+        extra = []
+        if r["text_mismatches"]:
+            extra.append(f"{r['text_mismatches']} streamed texts differ from greedy in-process")
+        reasons = ", ".join(f"{k} {v}" for k, v in r["finish_reasons"].items())
+        parts = ", ".join(
+            f"{k} {v:.2f}"
+            for k, v in sorted(r["cpu_ms_per_token"].items(), key=lambda x: -x[1])
+            if v >= 0.02
+        )
+        total = sum(r["cpu_ms_per_token"].values())
+        print(
+            f"  c={c}: finish {reasons}; CPU ms per token {total:.2f}: {parts}"
+            + (f"; {'; '.join(extra)}" if extra else "")
+        )
+    for name, value in gen["ratios"].items():
+        unit = " ms" if name.startswith("ttft") else "x"
+        print(
+            f"{name:<44} {value:+.1f}{unit}"
+            if unit == " ms" and value is not None
+            else f"{name:<44} {fmt(value, 2)}{unit}"
+        )
+    t = gen["timings_s"]
+    print(
+        f"timings: model {t['model_s']:.1f}s, ray "
+        + (f"{t['ray_start_s']:.1f}s" if t["ray_start_s"] else "(shared)")
+        + ", serve ready "
+        f"{t['serve_ready_s']:.1f}s, in-process {t['inprocess_s']:.1f}s, total {t['total_s']:.1f}s"
+    )
+    load = gen.get("load_average") or {}
+    if load.get("before") and load.get("after"):
+        print(
+            f"1-minute load average: {load['before'][0]:.2f} before the section, "
+            f"{load['after'][0]:.2f} at its end ({os.cpu_count()} CPUs; its own processes count)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART_CONFIG = PROJECT_ROOT / "configs" / "classification-minilm.yaml"
 QUICKSTART_TEST = PROJECT_ROOT / "data" / "sentiment" / "test.jsonl"
+QUICKSTART_VLM_CONFIG = PROJECT_ROOT / "configs" / "multimodal.yaml"
 QUICKSTART_SENTENCES = [
     "Absolutely loved it: setup took two minutes and it has worked flawlessly since.",
     "The strap snapped on the first day and support never answered my emails.",
@@ -23,6 +25,27 @@ QUICKSTART_SENTENCES = [
 
 class UserError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
+
+
+# ----- secrets in what the CLI prints -------------------------------------------------------
+#: Environment variables whose values are secrets wherever they turn up (plus any variable
+#: named like one: ..._KEY, ..._TOKEN, ..._SECRET, ..._PASSWORD).
+SECRET_ENV = ("TASKRAY_API_KEY", "RAY_AUTH_TOKEN", "QDRANT_API_KEY")
+_SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)$", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s]+)@")
+
+
+def redact(text: str) -> str:
+    """``text`` with secrets masked, for anything the CLI prints (``taskray info``, errors):
+    the user-info part of URLs (``http://user:pass@head`` → ``http://***@head``; Ray and
+    job-server addresses may carry credentials) and the values of secret environment
+    variables (``SECRET_ENV`` and names ending in KEY/TOKEN/SECRET/PASSWORD, values of 8+
+    characters, so short flags are not masked everywhere)."""
+    text = _URL_USERINFO.sub(lambda m: f"{m['scheme']}***@", text)
+    for name, value in os.environ.items():
+        if (name in SECRET_ENV or _SECRET_NAME.search(name)) and len(value.strip()) >= 8:
+            text = text.replace(value.strip(), "***")
+    return text
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -60,7 +83,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "attention": attn,
         "attention_reason": reason,
         "dtype": str(choose_dtype("auto")).replace("torch.", ""),
-        "ray_address": ray_address(args.address) or "local (a new instance on this machine)",
+        "ray_address": redact(
+            ray_address(args.address) or "local (a new instance on this machine)"
+        ),
         "cpus": os.cpu_count(),
     }
     if args.json:
@@ -200,56 +225,105 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ----- quickstart ---------------------------------------------------------------------------
+def _shapes_module() -> Any:
+    """The synthetic shapes generator (``data/fixtures/make_shapes.py``), imported by path."""
+    import importlib.util
+
+    path = PROJECT_ROOT / "data" / "fixtures" / "make_shapes.py"
+    spec = importlib.util.spec_from_file_location("make_shapes", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Train → evaluate → serve → query, on the sentiment data that ships with taskray."""
+    """Train → evaluate → serve → query: a sentiment classifier on the reviews that ship with
+    taskray, and a tiny vision-language model on synthetic shapes, served side by side."""
     import yaml
 
     from cluster import serving
-    from cluster.config import TrainConfig, read_yaml, validate_config
+    from cluster.config import TrainConfig, apply_overrides, read_yaml, validate_config
     from cluster.evaluate import evaluate_bundle
     from cluster.train import run_training
     from serve.client import Client
 
     times: dict[str, float] = {}
     t_all = time.perf_counter()
+    out = Path(args.output).resolve()
     data = read_yaml(QUICKSTART_CONFIG)
     data["data"]["train"] = str(PROJECT_ROOT / data["data"]["train"])
-    data["output_dir"] = str(Path(args.output).resolve())
+    data["output_dir"] = str(out)
     data["resume"] = False
     cfg = validate_config(TrainConfig, data, source=str(QUICKSTART_CONFIG))
 
-    print(f"[taskray] 1/4 training {cfg.model.name_or_path} on {cfg.data.train}")
+    print(f"[taskray] 1/5 training {cfg.model.name_or_path} on {cfg.data.train}")
     t = time.perf_counter()
     outcome = run_training(cfg)
-    times["train (Ray Data + Ray Train)"] = time.perf_counter() - t
+    times["train classifier"] = time.perf_counter() - t
 
-    print(f"[taskray] 2/4 evaluating the bundle on held-out {QUICKSTART_TEST}")
+    print(f"[taskray] 2/5 evaluating the bundle on held-out {QUICKSTART_TEST}")
     t = time.perf_counter()
     report = evaluate_bundle(outcome.bundle, str(QUICKSTART_TEST))
-    times["evaluate"] = time.perf_counter() - t
+    times["evaluate classifier"] = time.perf_counter() - t
     accuracy = report["metrics"]["accuracy"]
 
-    print("[taskray] 3/4 deploying the bundle on Ray Serve")
+    vlm_bundle, questions = None, []
+    if args.vlm:
+        print("[taskray] 3/5 training a tiny vision-language model on synthetic shapes")
+        t = time.perf_counter()
+        shapes = out / "shapes"
+        _shapes_module().write_dataset(shapes, images=600, seed=11, max_shapes=1, kinds="colour")
+        vlm_data = apply_overrides(
+            read_yaml(QUICKSTART_VLM_CONFIG),
+            [
+                f"data.train={shapes / 'train.jsonl'}",
+                f"data.validation={shapes / 'validation.jsonl'}",
+                f"output_dir={out / 'multimodal'}",
+                "resume=false",
+                "training.batch_size=8",
+                "training.eval_generate_rows=32",
+            ],
+        )
+        vlm_cfg = validate_config(TrainConfig, vlm_data, source=str(QUICKSTART_VLM_CONFIG))
+        vlm_bundle = run_training(vlm_cfg).bundle
+        questions = [json.loads(line) for line in (shapes / "validation.jsonl").open()][:4]
+        times["train VLM"] = time.perf_counter() - t
+
+    print("[taskray] 4/5 deploying the bundles on Ray Serve")
     t = time.perf_counter()
     serve_cfg = yaml.safe_load((PROJECT_ROOT / "configs" / "serve.yaml").read_text())
-    serve_cfg["applications"][0]["args"]["models"][0]["bundle"] = outcome.bundle
-    serve_cfg["applications"][0]["args"]["api_key_env"] = None
-    serve_file = Path(args.output).resolve() / "serve.yaml"
+    app_args = serve_cfg["applications"][0]["args"]
+    app_args["models"][0]["bundle"] = outcome.bundle
+    app_args["api_key_env"] = None
+    if vlm_bundle is not None:
+        app_args["models"].append(
+            {
+                "name": "shapes-vlm",
+                "bundle": vlm_bundle,
+                "num_cpus": 0.25,
+                "generation": {"max_new_tokens": 8},
+            }
+        )
+    serve_file = out / "serve.yaml"
     serve_file.write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
     config = serving.load_serve_config(str(serve_file), port=args.port)
     url = serving.base_url(config)
     from ray import serve
 
+    answers = []
     try:
         serving.deploy(config)
         serving.wait_ready(url)
         times["deploy on Ray Serve"] = time.perf_counter() - t
 
-        print(f"[taskray] 4/4 classifying new sentences through the Python client at {url}")
+        print(f"[taskray] 5/5 querying through the Python client at {url}")
         t = time.perf_counter()
         with Client(url) as client:
             predictions = client.classify(QUICKSTART_SENTENCES)
-        times["classify via client"] = time.perf_counter() - t
+            for q in questions:
+                image = out / "shapes" / q["image"]
+                answers.append(client.vlm(image, q["prompt"], model="shapes-vlm")["text"])
+        times["query via client"] = time.perf_counter() - t
     finally:
         serve.shutdown()
 
@@ -261,10 +335,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         f"held-out accuracy: {accuracy:.3f} on {report['rows']} reviews never trained on "
         f"(macro-F1 {report['metrics']['macro_f1']:.3f})"
     )
+    if questions:
+        print()
+        for q, said in zip(questions, answers, strict=True):
+            mark = "✓" if said == q["answer"] else "✗"
+            print(f"  {mark} {q['image']}: {q['prompt']} → {said!r} (truth: {q['answer']})")
+    print()
     times["total"] = time.perf_counter() - t_all
     for stage, seconds in times.items():
         print(f"  {stage:<30} {seconds:6.1f}s")
-    print(f"bundle: {outcome.bundle}")
+    print(f"bundle: {outcome.bundle}" + (f"\nVLM bundle: {vlm_bundle}" if vlm_bundle else ""))
     if accuracy < args.min_accuracy:
         print(f"taskray: error: accuracy {accuracy:.3f} < --min-accuracy {args.min_accuracy}")
         return 1
@@ -331,9 +411,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "quickstart",
-        help="train, evaluate, serve and query a sentiment classifier end to end",
+        help="train, evaluate, serve and query a sentiment classifier and a tiny "
+        "vision-language model end to end",
     )
     p.add_argument("--output", default="runs/quickstart", help="run directory")
+    p.add_argument(
+        "--no-vlm",
+        dest="vlm",
+        action="store_false",
+        help="skip the vision-language part (about a minute on 2 cores)",
+    )
     p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve")
     p.add_argument("--min-accuracy", type=float, default=0.85, help="fail below this accuracy")
     p.set_defaults(func=cmd_quickstart)
@@ -371,9 +458,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _user_errors() as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"taskray: error: {message}", file=sys.stderr)
+        print(f"taskray: error: {redact(message)}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the canonical ``cluster.cli`` module, not this ``__main__`` copy of it: other modules
+    # import ``cluster.cli.UserError``, and only that class is caught as a one-line error.
+    from cluster.cli import main as _main
+
+    sys.exit(_main())
