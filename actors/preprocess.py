@@ -94,21 +94,28 @@ def validate_batch(
     task_spec: dict[str, Any],
     split_fraction: float | None = None,
     split_seed: int = 0,
+    id_field: str = "id",
 ) -> dict[str, np.ndarray]:
     """Validate raw rows against the task's schema.
 
     Adds ``_json`` (the normalised row), ``_error`` (empty when valid), ``_labels`` (JSON list
-    of the label names the row uses) and ``_split`` ("train"/"validation" when splitting).
+    of the label names the row uses), ``_split`` ("train"/"validation" when splitting) and
+    ``_id`` (the row's ``id_field`` value as JSON, empty when it has none).
     """
     task = task_from_spec(task_spec)
-    out_json, errors, labels, splits = [], [], [], []
+    out_json, errors, labels, splits, ids = [], [], [], [], []
     for path, row_no, raw in zip(batch["_path"], batch["_row"], batch["_raw"], strict=True):
         try:
-            clean = task.validate(parse_raw(str(raw)))
+            parsed = parse_raw(str(raw))
+            row_id = parsed.get(id_field) if isinstance(parsed, dict) else None
+            ids.append("" if row_id is None else json.dumps(row_id))
+            clean = task.validate(parsed)
             out_json.append(json.dumps(clean, ensure_ascii=False))
             errors.append("")
             labels.append(json.dumps(task.label_values(clean)))
         except RowError as err:
+            if len(ids) < len(errors) + 1:
+                ids.append("")
             out_json.append("")
             errors.append(str(err))
             labels.append("[]")
@@ -125,6 +132,7 @@ def validate_batch(
         "_error": np.array(errors, dtype=object),
         "_labels": np.array(labels, dtype=object),
         "_split": np.array(splits, dtype=object),
+        "_id": np.array(ids, dtype=object),
     }
 
 
@@ -133,6 +141,17 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+TARGET_KEY = {"question_answering": "start_positions"}
+"""The feature that carries a row's target, per model kind (``labels`` otherwise)."""
+TARGET_FIELD = {
+    "classification": "label",
+    "nli": "label",
+    "ner": "tags",
+    "extractive_qa": "answers",
+}
+"""The row field a missing target is reported under (per family; ``target`` otherwise)."""
 
 
 class TokenizeRows:
@@ -172,6 +191,14 @@ class TokenizeRows:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows = [json.loads(str(j)) for j in batch["_json"]]
         encoded = self.task.encode_batch(rows, self.tokenizer)
+        target = TARGET_KEY.get(self.task.model_kind, "labels")
+        for i, item in enumerate(encoded):
+            # Schemas let the target out (inference rows); a training row must have it.
+            pieces = item if isinstance(item, list) else [item]
+            if any(isinstance(f, dict) and f.get(target) is None for f in pieces):
+                encoded[i] = RowError(
+                    TARGET_FIELD.get(self.task.name, "target"), "missing (training rows need it)"
+                )
         pixels: list[np.ndarray] = []
         if self.transform is not None:
             blank = np.zeros(self.image_shape, dtype=np.float32)

@@ -316,6 +316,67 @@ def load_checkpoint(directory: str, model: Any, optimizer: Any) -> dict:
     return json.loads(Path(directory, STATE_FILE).read_text())
 
 
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from (``None`` when it looks complete).
+
+    A checkpoint is written in order: shards, DCP's ``.metadata`` (last of the DCP save), each
+    rank's RNG state, then ``train_state.json`` from rank 0 — so a checkpoint cut short by a
+    crash lacks the files written last.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        return "not a directory"
+    if not (path / ".metadata").is_file():
+        return "no .metadata (half-written: the save did not finish)"
+    state = path / STATE_FILE
+    if not state.is_file():
+        return f"no {STATE_FILE} (half-written: the save did not finish)"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError) as err:
+        return f"{STATE_FILE} is unreadable ({err})"
+    return None
+
+
+def _older_checkpoints(latest: Path) -> list[Path]:
+    """The run's other checkpoints (siblings of ``latest`` that Ray kept), newest first."""
+    found = []
+    for sibling in latest.parent.iterdir():
+        if sibling == latest or not sibling.name.startswith(("step-", "epoch-")):
+            continue
+        try:
+            step = json.loads((sibling / STATE_FILE).read_text())["global_step"]
+        except (OSError, ValueError, KeyError):
+            continue  # incomplete: checkpoint_problem will say so if it is ever tried
+        found.append((int(step), sibling))
+    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+def restore_checkpoint(
+    latest: str | Path, model: Any, optimizer: Any, log: Any = print
+) -> tuple[dict | None, Path | None]:
+    """Load the newest usable checkpoint: ``latest`` (what Ray reports), else the older ones it
+    kept, newest first. A half-written or corrupt checkpoint is reported and skipped, not
+    trained from. Returns ``(loop state, directory)``, or ``(None, None)`` when none loads.
+
+    Every rank sees the same files and DCP raises on every rank when any rank's read fails,
+    so all ranks skip the same checkpoints and agree on the one they resume from.
+    """
+    for candidate in [Path(latest), *_older_checkpoints(Path(latest))]:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            from torch.distributed.checkpoint.api import CheckpointException
+
+            try:
+                return load_checkpoint(str(candidate), model, optimizer), candidate
+            # torch raises many types for a damaged file; DCP wraps them in a BaseException.
+            except (Exception, CheckpointException) as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                problem = f"cannot be loaded ({type(err).__name__}: {first[:200]})"
+        log(f"[taskray] checkpoint {candidate.name} skipped: {problem}")
+    return None, None
+
+
 def export_bundle(
     directory: str,
     model: Any,
@@ -436,16 +497,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best: float | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, skip_micro = state["next_epoch"], state["skip_micro_batches"]
-        global_step, best = state["global_step"], state["best"]
-        if rank == 0:
+            state, used = restore_checkpoint(ckpt_dir, model, optimizer, say)
+        if state is None:
+            say("[taskray] no usable checkpoint: training from the start")
+        else:
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, skip_micro = state["next_epoch"], state["skip_micro_batches"]
+            global_step, best = state["global_step"], state["best"]
             where = f"epoch {start_epoch + 1}" + (
                 f", after micro-batch {skip_micro}" if skip_micro else ""
             )
-            print(f"[taskray] resumed at {where} (step {global_step})", flush=True)
+            say(f"[taskray] resumed from {used.name} at {where} (step {global_step})")
+            if rank == 0:
+                with open(os.path.join(cfg.run_dir, "resumes.jsonl"), "a") as f:
+                    f.write(json.dumps({"from": used.name, "step": global_step}) + "\n")
 
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("validation")

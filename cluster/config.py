@@ -33,8 +33,17 @@ class TaskOptions(Strict):
 class DataOptions(Strict):
     """Where the rows come from and how bad rows are handled."""
 
-    train: str = Field(description="JSONL, Parquet or CSV file (or a folder of them)")
-    validation: str | None = Field(default=None, description="held-out file; split when omitted")
+    train: str | list[str] = Field(
+        description="JSONL, Parquet or CSV file, a folder of them, or a list of files/folders"
+    )
+    validation: str | list[str] | None = Field(
+        default=None, description="held-out file(s); split from train when omitted"
+    )
+    id_field: str = Field(
+        default="id",
+        description="rows that carry this field must have unique values; a repeated id is "
+        "rejected (the first occurrence is kept)",
+    )
     validation_fraction: float = Field(default=0.1, gt=0, lt=1)
     split_seed: int = 0
     max_rejected_fraction: float = Field(default=0.01, ge=0, le=1)

@@ -26,8 +26,13 @@ class DataError(RuntimeError):
     """The data cannot be trained on (too many bad rows, no rows left...)."""
 
 
-def resolve_paths(spec: str, what: str) -> list[str]:
-    """A file, or every data file in a folder; missing paths are one-line errors."""
+def resolve_paths(spec: str | list[str], what: str) -> list[str]:
+    """A file, every data file in a folder, or those of each item of a list; a missing path
+    (even one among several) is a one-line error naming it: nothing is silently left out."""
+    if isinstance(spec, list):
+        if not spec:
+            raise ConfigError(f"{what} data: the list of files is empty")
+        return [f for item in spec for f in resolve_paths(item, what)]
     path = Path(spec)
     if "://" in spec:
         return [spec]
@@ -61,6 +66,43 @@ def _unique_labels(batch: dict[str, Any]) -> dict[str, Any]:
     for item in batch["_labels"]:
         found.update(json.loads(str(item)))
     return {"label": np.array(sorted(found), dtype=object)}
+
+
+def find_duplicate_ids(datasets: list[Any], field: str) -> dict[tuple[str, int], dict]:
+    """Rows whose ``field`` value an earlier valid row (in file, row order; train files
+    before validation files) already has: ``(file, row) → rejected-row record``.
+
+    Only the ids travel to the driver (one short string per row that has one).
+    """
+    seen: dict[str, str] = {}
+    out: dict[tuple[str, int], dict] = {}
+    for ds in datasets:
+        rows = (
+            ds.filter(lambda r: r["_error"] == "" and r["_id"] != "")
+            .select_columns(["_path", "_row", "_id"])
+            .take_all()
+        )
+        for r in sorted(rows, key=lambda r: (r["_path"], int(r["_row"]))):
+            where = f"{Path(r['_path']).name}:{int(r['_row'])}"
+            if r["_id"] in seen:
+                out[(r["_path"], int(r["_row"]))] = {
+                    "file": r["_path"],
+                    "row": int(r["_row"]),
+                    "reason": f"{field}: duplicate id {r['_id']} (first at {seen[r['_id']]})",
+                    "raw": None,
+                }
+            else:
+                seen[r["_id"]] = where
+    return out
+
+
+def _not_in(keys: dict[tuple[str, int], Any]) -> Any:
+    drop = set(keys)
+
+    def keep(row: dict[str, Any]) -> bool:
+        return (row["_path"], int(row["_row"])) not in drop
+
+    return keep
 
 
 @dataclass
@@ -126,7 +168,12 @@ def _prepare(
         read_rows(train_paths)
         .map_batches(
             validate_batch,
-            fn_kwargs={"task_spec": spec, "split_fraction": split, "split_seed": data.split_seed},
+            fn_kwargs={
+                "task_spec": spec,
+                "split_fraction": split,
+                "split_seed": data.split_seed,
+                "id_field": data.id_field,
+            },
             batch_format="numpy",
         )
         .materialize()
@@ -151,7 +198,11 @@ def _prepare(
     if val_paths:
         val_validated = (
             read_rows(val_paths)
-            .map_batches(validate_batch, fn_kwargs={"task_spec": spec}, batch_format="numpy")
+            .map_batches(
+                validate_batch,
+                fn_kwargs={"task_spec": spec, "id_field": data.id_field},
+                batch_format="numpy",
+            )
             .materialize()
         )
         train_valid = validated.filter(_is_ok)
@@ -170,6 +221,11 @@ def _prepare(
             {"file": r["_path"], "row": int(r["_row"]), "reason": r["_error"], "raw": r["_raw"]}
             for r in ds.filter(lambda r: r["_error"] != "").take_all()
         )
+    duplicates = find_duplicate_ids(all_validated, data.id_field)
+    if duplicates:
+        rejected.extend(duplicates.values())
+        train_valid = train_valid.filter(_not_in(duplicates))
+        val_valid = val_valid.filter(_not_in(duplicates))
 
     tokenizer_kwargs = {
         "task_spec": spec,

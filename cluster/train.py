@@ -81,6 +81,20 @@ def prepare_multimodal(
     return tokenizer_path, {"data_config": info["data_config"]}
 
 
+def pad_to_workers(train: Any, rows: int, workers: int) -> tuple[Any, int]:
+    """The training set with its first rows repeated up to a multiple of ``workers``.
+
+    Ray Train splits it with ``streaming_split(equal=True)``, which drops the remainder so
+    that every worker runs the same number of steps (FSDP needs them in lockstep); with a
+    deterministic row order those would be the same rows every epoch — never trained on.
+    Repeating a few rows instead keeps every row in the run.
+    """
+    extra = -rows % workers
+    if extra == 0:
+        return train, rows
+    return train.union(train.limit(extra)).materialize(), rows + extra
+
+
 class TrainingError(RuntimeError):
     """Training did not produce a bundle; the message says why."""
 
@@ -104,7 +118,7 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
     run_dir = Path(cfg.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
-        for stale in ("ray", "metrics.jsonl"):
+        for stale in ("ray", "metrics.jsonl", "resumes.jsonl"):
             target = run_dir / stale
             if target.is_dir():
                 shutil.rmtree(target)
@@ -147,6 +161,12 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
     )
     t_data = time.perf_counter()
 
+    train_ds, train_rows = pad_to_workers(data.train, data.counts["train"], cfg.scaling.workers)
+    if train_rows != data.counts["train"]:
+        progress(
+            f"[taskray] repeated {train_rows - data.counts['train']} training row(s) so that "
+            f"{cfg.scaling.workers} workers get equal shares and no row is left out"
+        )
     worker_cfg = WorkerConfig(
         task=task.spec(),
         model=cfg.model.model_copy(
@@ -155,7 +175,7 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
         base_model=cfg.model.name_or_path,
         optim=cfg.training,
         tokenizer_path=tokenizer_path,
-        train_rows=data.counts["train"],
+        train_rows=train_rows,
         run_dir=str(run_dir),
         use_gpu=cfg.scaling.use_gpu,
     )
@@ -178,7 +198,7 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
-        datasets={"train": data.train, "validation": data.validation},
+        datasets={"train": train_ds, "validation": data.validation},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
