@@ -121,7 +121,14 @@ def load_bundle(
         raise BundleError(f"bundle {path} has an unknown model kind '{kind}'")
     auto_cls = getattr(transformers, AUTO_CLASSES[kind])
     attn, _ = choose_attention("auto")
-    kwargs: dict[str, Any] = {"use_safetensors": True, "attn_implementation": attn}
+    # trust_remote_code=False, not transformers' default None: with None, a model that ships
+    # its own code makes transformers *ask* on a terminal ("run the custom code? [y/N]"), and a
+    # "y" runs it. A bundle never runs code of its own.
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True,
+        "attn_implementation": attn,
+        "trust_remote_code": False,
+    }
     if dtype is not None:
         kwargs["dtype"] = dtype
     if manifest.get("adapter"):
@@ -139,7 +146,7 @@ def load_bundle(
         model = PeftModel.from_pretrained(base, str(path)).to(device).eval()
     else:
         model = auto_cls.from_pretrained(str(path), **kwargs).to(device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     return LoadedBundle(
         task=task, model=model, tokenizer=tokenizer, manifest=manifest, path=str(path)
     )

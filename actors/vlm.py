@@ -317,7 +317,13 @@ def _load_model(
 
     spec = json.loads((path / VLM_CONFIG).read_text())
     tower = create_vision_tower(spec["timm_name"], spec.get("timm_kwargs"))
-    kwargs: dict[str, Any] = {"use_safetensors": True, "attn_implementation": attn}
+    # trust_remote_code=False, not the default None (which asks on a terminal and runs the
+    # directory's own code on "y"): a bundle never runs code of its own.
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True,
+        "attn_implementation": attn,
+        "trust_remote_code": False,
+    }
     if dtype is not None:
         kwargs["dtype"] = dtype
     lm = transformers.AutoModelForCausalLM.from_pretrained(str(path / LM_DIR), **kwargs)
@@ -365,7 +371,7 @@ def load_vlm(
     check_safetensors_only(path)
     check_safetensors_only(path / LM_DIR)
     task = task_from_spec(manifest["task"])
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     image_token_id = task.image_token_id(tokenizer)
     attn, _ = choose_attention("auto")
     model = _load_model(path, image_token_id, attn, dtype).to(device).eval()

@@ -123,11 +123,29 @@ def ensure_cluster(num_cpus: int | None) -> None:
     cmd = ["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_head_env())
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["unknown error"]
         raise RuntimeError(f"could not start a local Ray head: {tail[0]}")
     ray.init(address="auto", namespace="serve", log_to_driver=False)
+
+
+def _head_env() -> dict[str, str]:
+    """The environment of ``ray start --head``: token authentication on unless RAY_AUTH_MODE
+    says otherwise. ``ray start`` (unlike ``ray.init()``) turns it on only when a token exists
+    already, so on a fresh machine one is generated first, where Ray looks for it
+    (``~/.ray/auth_token``; the command prints it, so its output is kept)."""
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
+    if env["RAY_AUTH_MODE"].lower() != "token" or env.get("RAY_AUTH_TOKEN"):
+        return env
+    path = env.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    if not Path(path).expanduser().is_file():
+        subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True,
+                       check=True)  # fmt: skip
+    return env
 
 
 def stop_detached() -> bool:

@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections import Counter
@@ -30,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
+from serve.batching import isolate_failures
 from serve.config import AppArgs, Limits, ServedModel, replica_threads
 from serve.generator import generator_class
 from serve.schemas import (
@@ -158,16 +160,16 @@ class TaskHead:
             if not batch:  # every caller gave up (cancelled) while queued
                 continue
             self.batch_sizes[len(batch)] += 1
-            try:
-                # In a thread, so that requests keep queueing while the model runs.
-                preds = await asyncio.to_thread(self._predict_batch, [item for item, _ in batch])
-            except Exception as err:  # the whole batch fails alike; the replica lives on
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(err)
-                continue
+            # In a thread, so that requests keep queueing while the model runs.
+            preds = await asyncio.to_thread(
+                isolate_failures, self._predict_batch, [item for item, _ in batch]
+            )
             for (_, future), pred in zip(batch, preds, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(pred, Exception):  # this request's own failure
+                    future.set_exception(pred)
+                else:
                     future.set_result(pred)
 
     def _predict_batch(self, items: list[tuple[dict[str, Any], bool]]) -> list[dict[str, Any]]:
@@ -188,12 +190,157 @@ class TaskHead:
 
 # ----- errors, limits, auth -----------------------------------------------------------------
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    """The one error shape of the API: ``{"error": {"message", "type"}}``."""
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind}})
+    """The one error shape of the API: ``{"error": {"message", "type"}}``. The message is one
+    printable line: names the caller sent (fields, models, tasks) are echoed in it, and their
+    control characters and lone surrogates are escaped (``\\n``, ``\\x1b``, ``\\ud800``)."""
+    return JSONResponse(
+        status_code=status, content={"error": {"message": _printable(message), "type": kind}}
+    )
 
 
-def make_api(limits: Limits) -> FastAPI:
-    """The FastAPI app with error handlers and the body-size guard."""
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+#: Routes open without the API key: the health checks and the API's own documentation.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+)
+#: A JSON escape of a UTF-16 surrogate; only a body holding one can decode to a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+class RequestGuard:
+    """ASGI middleware in front of every route, before FastAPI reads or parses anything:
+
+    1. the API key (when one is configured), so a request without it gets 401 whatever its
+       body — it is never parsed or validated for a caller who may not use the API;
+    2. ``limits.max_body_bytes`` counted on the bytes as they arrive, so a chunked body (no
+       Content-Length) is refused as soon as it is too large instead of being read whole;
+    3. JSON that decodes to lone UTF-16 surrogates (``"\\ud800"``: valid JSON syntax, but
+       not encodable as UTF-8, so tokenizers and JSON responses fail on it): 422.
+
+    The body (at most ``max_body_bytes``) is then handed to the app unchanged.
+    """
+
+    def __init__(self, app: Any, args: AppArgs) -> None:
+        self.app = app
+        self.limit = args.limits.max_body_bytes
+        # Built in the replica (on its first request), where the key's variable or file is.
+        self.api_key = load_api_key(args)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        if path not in PUBLIC_PATHS and not self._authorized(headers.get("authorization", "")):
+            await _respond(401, "missing or wrong API key (Authorization: Bearer ...)",
+                           "unauthorized", scope, receive, send)  # fmt: skip
+            return
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                await _respond(400, "invalid Content-Length header", "invalid_request",
+                               scope, receive, send)  # fmt: skip
+                return
+            if int(length) > self.limit:
+                await self._too_large(int(length), scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._too_large(size, scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if _SURROGATE_ESCAPE.search(body) and "json" in headers.get("content-type", "json"):
+            where = _lone_surrogate(body)
+            if where is not None:
+                await _respond(422, f"{where}: contains an unpaired UTF-16 surrogate (\\ud800-"
+                               "\\udfff), which is not text", "invalid_request",
+                               scope, receive, send)  # fmt: skip
+                return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, header: str) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
+
+    async def _too_large(self, size: int, scope: Any, receive: Any, send: Any) -> None:
+        await _respond(413, f"request body of {size} bytes exceeds limits.max_body_bytes="
+                       f"{self.limit}", "too_large", scope, receive, send)  # fmt: skip
+
+
+async def _respond(status: int, message: str, kind: str, *asgi: Any) -> None:
+    await error_response(status, message, kind)(*asgi)
+
+
+def _lone_surrogate(body: bytes) -> str | None:
+    """Where in a JSON body a string (or key) holds a lone surrogate: ``"field.0.key"``, or
+    ``"body"`` for the top level; ``None`` when there is none (or the body is not JSON)."""
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None  # FastAPI reports malformed or too deeply nested JSON itself
+
+    def find(node: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        if isinstance(node, str):
+            return path if not _encodes(node) else None
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(
+            node, list) else ()  # fmt: skip
+        for key, child in items:
+            if isinstance(key, str) and not _encodes(key):
+                return (*path, _printable(key))
+            found = find(child, (*path, str(key)))
+            if found is not None:
+                return found
+        return None
+
+    try:
+        found = find(value, ())
+    except RecursionError:
+        return None
+    return None if found is None else ".".join(found) or "body"
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def make_api(args: AppArgs) -> FastAPI:
+    """The FastAPI app with error handlers and the request guard (key, size, text)."""
     api = FastAPI(
         title="taskray",
         description="Task models and generators served on Ray Serve.",
@@ -218,27 +365,21 @@ def make_api(limits: Limits) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        if isinstance(exc, RayActorError | ActorUnavailableError):
+            # The replica died (or is unreachable) while it held this request: nothing is
+            # wrong with the request, and Serve is replacing the replica — a retry succeeds.
+            log.warning("a model replica was lost while answering: %s", _first_line(exc))
+            return error_response(
+                503, "the model replica was lost while answering; retry the request",
+                "unavailable",
+            )  # fmt: skip
         # A model that raises answers this request with one line; the replica lives on.
         log.exception("request failed")
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return error_response(500, f"the model failed on this request: {first[:300]}", "error")
+        return error_response(500, f"the model failed on this request: {_first_line(exc)}", "error")
 
-    @api.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                size = int(length)
-            except ValueError:
-                return error_response(400, "invalid Content-Length header", "invalid_request")
-            if size > limits.max_body_bytes:
-                return error_response(
-                    413,
-                    f"request body of {size} bytes exceeds limits.max_body_bytes="
-                    f"{limits.max_body_bytes}",
-                    "too_large",
-                )
-        return await call_next(request)
+    api.add_middleware(RequestGuard, args=args)
 
     return api
 
@@ -336,7 +477,7 @@ def check_image(data: bytes, limits: Limits, where: str = "image") -> bytes:
 # ----- ingress ------------------------------------------------------------------------------
 def build_ingress(args: AppArgs) -> Any:
     """The ingress deployment class bound to these args' limits."""
-    api = make_api(args.limits)
+    api = make_api(args)
     limits = args.limits
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
@@ -369,7 +510,7 @@ def build_ingress(args: AppArgs) -> Any:
             # Tokenizers (small) live here too: prompts are built and token limits checked
             # before any request reaches a model.
             self.tokenizers = {
-                name: AutoTokenizer.from_pretrained(meta["path"])
+                name: AutoTokenizer.from_pretrained(meta["path"], trust_remote_code=False)
                 for name, meta in metas.items()
                 if _is_generator(meta)
             }

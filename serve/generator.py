@@ -39,11 +39,14 @@ def load_generative(path: str, task_name: str | None, device: str) -> dict[str, 
     from actors.bundle import check_safetensors_only
 
     check_safetensors_only(resolved)
-    config = transformers.AutoConfig.from_pretrained(str(resolved))
+    # trust_remote_code=False, not the default None: with None, transformers asks on a
+    # terminal whether to run a directory's own code, and runs it on "y".
+    no_code = {"trust_remote_code": False}
+    config = transformers.AutoConfig.from_pretrained(str(resolved), **no_code)
     seq2seq = bool(getattr(config, "is_encoder_decoder", False))
     auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(str(resolved), use_safetensors=True).to(device).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolved))
+    model = auto.from_pretrained(str(resolved), use_safetensors=True, **no_code).to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolved), **no_code)
     task = get_task(task_name or "generation")
     return {"task": task, "model": model, "tokenizer": tokenizer,
             "kind": "seq2seq_lm" if seq2seq else "causal_lm"}  # fmt: skip
@@ -75,6 +78,11 @@ class GeneratorBase:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch.set_num_threads(replica_threads(self.spec.num_cpus))
+        from actors.bundle import check_safetensors_only
+
+        # Adapters are loaded on first use; refuse pickled ones now, at deploy time.
+        for adapter in self.spec.adapters.values():
+            check_safetensors_only(adapter)
         loaded = load_generative(self.spec.bundle, self.spec.task, device)
         self.task, self.model, self.tokenizer = loaded["task"], loaded["model"], loaded["tokenizer"]
         self.seq2seq = loaded["kind"] == "seq2seq_lm"
@@ -91,7 +99,10 @@ class GeneratorBase:
     def _load_adapter(self, name: str) -> None:
         from peft import PeftModel
 
+        from actors.bundle import check_safetensors_only
+
         path = self.spec.adapters[name]
+        check_safetensors_only(path)  # PEFT would fall back to a pickled adapter_model.bin
         with self.lock:
             if name in self.loaded_adapters:
                 return
@@ -176,7 +187,9 @@ class GeneratorBase:
     async def complete(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
         """One prompt → one completion; concurrent calls are batched by ``generate``."""
         adapter = await self._adapter_for_request()
-        result: Completion = await self.generate((prompt, SamplingParams(**params), adapter))
+        result = await self.generate((prompt, SamplingParams(**params), adapter))
+        if isinstance(result, Exception):  # this prompt's own failure (see generate)
+            raise result
         return result.__dict__
 
     async def generate(self, items: list[tuple[str, SamplingParams, str | None]]) -> list[Any]:
@@ -188,14 +201,20 @@ class GeneratorBase:
         out: list[Any] = [None] * len(items)
 
         def work() -> None:
+            from serve.batching import isolate_failures
+
             with self.lock:
                 for (params, adapter), idx in groups.items():
                     prompts = [items[i][0] for i in idx]
-                    done = self._run(
-                        adapter,
-                        lambda p=prompts, s=params: generate_batch(
-                            self.model, self.tokenizer, p, s, self.seq2seq
+                    # A prompt that makes the model raise fails alone, not its whole batch.
+                    done = isolate_failures(
+                        lambda chunk, a=adapter, s=params: self._run(
+                            a,
+                            lambda: generate_batch(
+                                self.model, self.tokenizer, chunk, s, self.seq2seq
+                            ),
                         ),
+                        prompts,
                     )
                     for i, completion in zip(idx, done, strict=True):
                         out[i] = completion

@@ -255,7 +255,9 @@ class RagPipeline:
 
             from actors.modeling import resolve_model_path
 
-            self.tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer))
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(tokenizer), trust_remote_code=False
+            )
         elif generator is not None:
             log.warning("RagPipeline: no tokenizer given; the passage budget counts words")
         if chat and not getattr(self.tokenizer, "chat_template", None):

@@ -79,7 +79,10 @@ class VisionLanguage:
             raise ValueError(str(err)) from None
         keys = ("max_new_tokens", "temperature", "top_p", "seed")
         frozen = tuple((k, params.get(k)) for k in keys)
-        return await self.answer_batch((picture, prompt, frozen))
+        result = await self.answer_batch((picture, prompt, frozen))
+        if isinstance(result, Exception):  # this request's own failure (see answer_batch)
+            raise result
+        return result
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def answer_batch(self, items: list[tuple[Any, str, tuple]]) -> list[dict[str, Any]]:
@@ -93,15 +96,17 @@ class VisionLanguage:
         out: list[Any] = [None] * len(items)
 
         def work() -> None:
+            from serve.batching import isolate_failures
+
             with self.lock:
                 for params, idx in groups.items():
                     settings = {k: v for k, v in params if v is not None}
                     settings.setdefault("max_new_tokens", self.defaults.max_new_tokens)
-                    done = answer(
-                        self.loaded,
-                        [items[i][0] for i in idx],
-                        [items[i][1] for i in idx],
-                        **settings,
+                    done = isolate_failures(
+                        lambda chunk, s=settings: answer(
+                            self.loaded, [c[0] for c in chunk], [c[1] for c in chunk], **s
+                        ),
+                        [items[i] for i in idx],
                     )
                     for i, result in zip(idx, done, strict=True):
                         out[i] = result
