@@ -139,7 +139,7 @@ def tiny_vlm_bundle(tmp_path_factory) -> Path:
     options = ModelOptions(name_or_path="tiny:llama", init="random", vision=TINY_VISION)
     model = build_model(options, "vision_causal_lm", tokenizer=tokenizer).model.eval()
     task = get_task(
-        "multimodal", max_length=480, options={"num_image_tokens": model.num_image_tokens}
+        "multimodal", max_length=2000, options={"num_image_tokens": model.num_image_tokens}
     )
     path = tmp_path_factory.mktemp("vlm-bundle")
     save_vlm(path, model, model.state_dict())
