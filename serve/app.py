@@ -365,16 +365,16 @@ def make_api(args: AppArgs) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        from ray.exceptions import ActorUnavailableError, RayActorError
-
-        if isinstance(exc, RayActorError | ActorUnavailableError):
+        if _replica_lost(exc):
             # The replica died (or is unreachable) while it held this request: nothing is
             # wrong with the request, and Serve is replacing the replica — a retry succeeds.
             log.warning("a model replica was lost while answering: %s", _first_line(exc))
-            return error_response(
+            response = error_response(
                 503, "the model replica was lost while answering; retry the request",
                 "unavailable",
             )  # fmt: skip
+            response.headers["Retry-After"] = "1"
+            return response
         # A model that raises answers this request with one line; the replica lives on.
         log.exception("request failed")
         return error_response(500, f"the model failed on this request: {_first_line(exc)}", "error")
@@ -1126,6 +1126,16 @@ def _encode(vector: list[float], encoding: str) -> list[float] | str:
     import numpy as np
 
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _replica_lost(err: BaseException) -> bool:
+    """Whether a request failed because the replica running it died or became unreachable
+    (Ray's ``RayActorError`` family), raised as is or as the cause of a Ray/Serve wrapper."""
+    from ray.exceptions import RayActorError
+
+    return any(
+        isinstance(e, RayActorError) for e in (err, getattr(err, "cause", None), err.__cause__)
+    )
 
 
 def _first_line(err: BaseException) -> str:

@@ -244,3 +244,43 @@ def test_long_prompts_keep_the_image_and_the_end_of_the_question(tokenizer):
     assert ids.count(image_id) == 16
     assert len(ids) <= 40
     assert tokenizer.decode(ids).endswith("What colour is the square?\nAnswer:")
+
+
+def test_a_second_stage_starts_from_the_first_stages_bundle(tokenizer, tmp_path):
+    """Stage 1 (projector only) → bundle → stage 2 with LoRA on the LM: the weights carry
+    over, the new stage freezes what it says, and its export merges the adapter."""
+    stage1 = tiny_vlm(tokenizer, freeze_vision=True, freeze_lm=True).eval()
+    path = _bundle(stage1, tokenizer, tmp_path / "stage1")
+    options = ModelOptions(
+        name_or_path=str(path),
+        vision={"freeze_vision": True, "freeze_lm": True},
+        lora={"r": 4, "target_modules": ["q_proj", "v_proj"], "dropout": 0.0},
+    )
+    stage2 = build_model(options, "vision_causal_lm", tokenizer=tokenizer).model
+    trainable = {n.split(".")[0] for n, p in stage2.named_parameters() if p.requires_grad}
+    assert trainable == {"lm", "projector"}
+    assert all("lora_" in n for n, p in stage2.lm.named_parameters() if p.requires_grad)
+    for name, value in stage1.projector.state_dict().items():
+        assert torch.equal(stage2.projector.state_dict()[name], value)
+    pixels = torch.randn(1, 3, 32, 32)
+    ids = torch.tensor([task_for(stage1).encode_prompt(ROW, tokenizer)])
+    with torch.no_grad():  # LoRA's B starts at zero: the same function as stage 1
+        torch.testing.assert_close(
+            stage2(ids, torch.ones_like(ids), pixels).logits,
+            stage1(ids, torch.ones_like(ids), pixels).logits,
+        )
+    # A trained adapter (B ≠ 0) is merged into lm/ at export: plain weights, same function.
+    for name, param in stage2.lm.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    stage2.eval()
+    out = _bundle(stage2, tokenizer, tmp_path / "stage2")
+    assert not any("lora" in p.name for p in (out / "lm").iterdir())
+    reloaded = load_vlm(out).model
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(ids, torch.ones_like(ids), pixels).logits,
+            stage2(ids, torch.ones_like(ids), pixels).logits,
+            rtol=1e-4,
+            atol=1e-4,
+        )
