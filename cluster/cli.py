@@ -15,6 +15,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART_CONFIG = PROJECT_ROOT / "configs" / "classification-minilm.yaml"
 QUICKSTART_TEST = PROJECT_ROOT / "data" / "sentiment" / "test.jsonl"
 QUICKSTART_VLM_CONFIG = PROJECT_ROOT / "configs" / "multimodal.yaml"
+QUICKSTART_LM_CONFIG = PROJECT_ROOT / "configs" / "generation.yaml"
+QUICKSTART_PROMPT = "Give a quick tip for keeping cut basil fresh."
 QUICKSTART_SENTENCES = [
     "Absolutely loved it: setup took two minutes and it has worked flawlessly since.",
     "The strap snapped on the first day and support never answered my emails.",
@@ -236,6 +238,54 @@ def _shapes_module() -> Any:
     return module
 
 
+ADAPTER_STYLES = {"pirate": " Arr, a fine question, matey!", "robot": " Beep boop. Request noted."}
+"""The quickstart's two LoRA adapters and the reply each one learns to give."""
+
+
+def _quickstart_adapters(out: Path) -> tuple[str, dict[str, str]]:
+    """A tiny llama base (random weights, saved as a plain HF model directory) and two LoRA
+    adapters trained over it through ``taskray train``, each answering in its own style."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+    from cluster.config import TrainConfig, apply_overrides, read_yaml, validate_config
+    from cluster.train import run_training
+
+    base = out / "lm-base"
+    source = tiny_model_path("tiny:llama")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(base)
+    AutoTokenizer.from_pretrained(source).save_pretrained(base)
+    fixture = PROJECT_ROOT / "data" / "fixtures" / "generation.jsonl"
+    prompts = [json.loads(line)["prompt"] for line in fixture.open()]
+    adapters = {}
+    for style, reply in ADAPTER_STYLES.items():
+        rows = out / f"{style}.jsonl"
+        rows.write_text(
+            "".join(json.dumps({"prompt": p, "completion": reply}) + "\n" for p in prompts)
+        )
+        raw = apply_overrides(
+            read_yaml(QUICKSTART_LM_CONFIG),
+            [
+                f"model.name_or_path={base}",
+                "model.init=pretrained",
+                f"data.train={rows}",
+                f"output_dir={out / style}",
+                "resume=false",
+                "training.epochs=6",
+                "training.lr=1e-2",
+                "training.log_every=10",
+                "training.eval_generate_rows=2",
+                "training.eval_max_new_tokens=12",
+            ],
+        )
+        raw["model"]["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}
+        cfg = validate_config(TrainConfig, raw, source=str(QUICKSTART_LM_CONFIG))
+        adapters[style] = run_training(cfg, progress=lambda *_: None).bundle
+    return str(base), adapters
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Train → evaluate → serve → query: a sentiment classifier on the reviews that ship with
     taskray, and a tiny vision-language model on synthetic shapes, served side by side."""
@@ -289,6 +339,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         questions = [json.loads(line) for line in (shapes / "validation.jsonl").open()][:4]
         times["train VLM"] = time.perf_counter() - t
 
+    base, adapters = None, {}
+    if args.adapters:
+        print("[taskray] 3b/5 training two LoRA adapters over a tiny llama (one per style)")
+        t = time.perf_counter()
+        base, adapters = _quickstart_adapters(out)
+        times["train 2 LoRA adapters"] = time.perf_counter() - t
+
     print("[taskray] 4/5 deploying the bundles on Ray Serve")
     t = time.perf_counter()
     serve_cfg = yaml.safe_load((PROJECT_ROOT / "configs" / "serve.yaml").read_text())
@@ -304,13 +361,25 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                 "generation": {"max_new_tokens": 8},
             }
         )
+    if base is not None:
+        app_args["models"].append(
+            {
+                "name": "tiny-lm",
+                "bundle": base,
+                "num_cpus": 0.25,
+                "adapters": adapters,
+                "max_adapters": 2,
+                "generation": {"max_new_tokens": 12},
+            }
+        )
     serve_file = out / "serve.yaml"
     serve_file.write_text(yaml.safe_dump(serve_cfg, sort_keys=False))
     config = serving.load_serve_config(str(serve_file), port=args.port)
     url = serving.base_url(config)
     from ray import serve
 
-    answers = []
+    answers: list[str] = []
+    styled: dict[str, str] = {}
     try:
         serving.deploy(config)
         serving.wait_ready(url)
@@ -323,6 +392,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             for q in questions:
                 image = out / "shapes" / q["image"]
                 answers.append(client.vlm(image, q["prompt"], model="shapes-vlm")["text"])
+            styled = {
+                name: client.task("generation", {"prompt": QUICKSTART_PROMPT}, model=name)["text"]
+                for name in ([*adapters, "tiny-lm"] if base is not None else [])
+            }
         times["query via client"] = time.perf_counter() - t
     finally:
         serve.shutdown()
@@ -340,6 +413,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         for q, said in zip(questions, answers, strict=True):
             mark = "✓" if said == q["answer"] else "✗"
             print(f"  {mark} {q['image']}: {q['prompt']} → {said!r} (truth: {q['answer']})")
+    if styled:
+        print(f"\n  one base, adapters switched per request — {QUICKSTART_PROMPT!r}:")
+        for name, text in styled.items():
+            role = "base, no adapter" if name == "tiny-lm" else "LoRA adapter"
+            print(f"    {name:<8} ({role}): {text!r}")
     print()
     times["total"] = time.perf_counter() - t_all
     for stage, seconds in times.items():
@@ -420,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="vlm",
         action="store_false",
         help="skip the vision-language part (about a minute on 2 cores)",
+    )
+    p.add_argument(
+        "--no-adapters",
+        dest="adapters",
+        action="store_false",
+        help="skip the two LoRA adapters over a tiny generator (about a minute on 2 cores)",
     )
     p.add_argument("--port", type=int, default=8000, help="HTTP port for Serve")
     p.add_argument("--min-accuracy", type=float, default=0.85, help="fail below this accuracy")
