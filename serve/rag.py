@@ -204,6 +204,33 @@ def check_params(
     return out
 
 
+def _cited_result(
+    mode: str, done: dict[str, Any], used: Sequence[dict[str, Any]], marks: tuple[float, ...]
+) -> dict[str, Any]:
+    """A generated answer with its citations, the passages it was given, token usage and the
+    time of each stage (``marks``: start, retrieved, prompt built, generated)."""
+    t0, t1, t2, t3 = marks
+    cites = citations_for(done["text"], used)
+    return {
+        "mode": mode,
+        "answer": cites["answer"],
+        "text": done["text"],
+        "citations": cites["citations"],
+        "unknown_citations": cites["unknown_citations"],
+        "passages": [public_passage(p) for p in used],
+        "usage": {
+            "prompt_tokens": done["prompt_tokens"],
+            "completion_tokens": done["completion_tokens"],
+        },
+        "timings_ms": {
+            "retrieve": _ms(t1 - t0),
+            "prompt": _ms(t2 - t1),
+            "generate": _ms(t3 - t2),
+            "total": _ms(time.perf_counter() - t0),
+        },
+    }
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)
 
@@ -335,26 +362,8 @@ class RagPipeline:
         t2 = time.perf_counter()
         done = await self.generator.complete.remote(prompt, sampling)  # type: ignore[union-attr]
         t3 = time.perf_counter()
-        cites = citations_for(done["text"], used)
-        return {
-            "mode": "generate",
-            "answer": cites["answer"],
-            "text": done["text"],
-            "citations": cites["citations"],
-            "unknown_citations": cites["unknown_citations"],
-            "passages": [public_passage(p) for p in used],
-            "finish_reason": done["finish_reason"],
-            "usage": {
-                "prompt_tokens": done["prompt_tokens"],
-                "completion_tokens": done["completion_tokens"],
-            },
-            "timings_ms": {
-                "retrieve": _ms(t1 - t0),
-                "prompt": _ms(t2 - t1),
-                "generate": _ms(t3 - t2),
-                "total": _ms(time.perf_counter() - t0),
-            },
-        }
+        result = _cited_result("generate", done, used, (t0, t1, t2, t3))
+        return {**result, "finish_reason": done["finish_reason"]}
 
     async def answer_with_image(
         self,
@@ -380,25 +389,7 @@ class RagPipeline:
         t2 = time.perf_counter()
         done = await self.vlm.answer.remote(image, prompt, sampling)
         t3 = time.perf_counter()
-        cites = citations_for(done["text"], used)
-        return {
-            "mode": "vision",
-            "answer": cites["answer"],
-            "text": done["text"],
-            "citations": cites["citations"],
-            "unknown_citations": cites["unknown_citations"],
-            "passages": [public_passage(p) for p in used],
-            "usage": {
-                "prompt_tokens": done["prompt_tokens"],
-                "completion_tokens": done["completion_tokens"],
-            },
-            "timings_ms": {
-                "retrieve": _ms(t1 - t0),
-                "prompt": _ms(t2 - t1),
-                "generate": _ms(t3 - t2),
-                "total": _ms(time.perf_counter() - t0),
-            },
-        }
+        return _cited_result("vision", done, used, (t0, t1, t2, t3))
 
     async def _extract(
         self, question: str, passages: list[dict[str, Any]], t0: float, t1: float
