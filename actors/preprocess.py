@@ -105,20 +105,19 @@ def validate_batch(
     task = task_from_spec(task_spec)
     out_json, errors, labels, splits, ids = [], [], [], [], []
     for path, row_no, raw in zip(batch["_path"], batch["_row"], batch["_raw"], strict=True):
+        parsed = None
         try:
             parsed = parse_raw(str(raw))
-            row_id = parsed.get(id_field) if isinstance(parsed, dict) else None
-            ids.append("" if row_id is None else json.dumps(row_id))
             clean = task.validate(parsed)
             out_json.append(json.dumps(clean, ensure_ascii=False))
             errors.append("")
             labels.append(json.dumps(task.label_values(clean)))
         except RowError as err:
-            if len(ids) < len(errors) + 1:
-                ids.append("")
             out_json.append("")
             errors.append(str(err))
             labels.append("[]")
+        row_id = parsed.get(id_field) if isinstance(parsed, dict) else None
+        ids.append("" if row_id is None else json.dumps(row_id))
         if split_fraction is None:
             splits.append("train")
         else:

@@ -575,6 +575,20 @@ def ensure_ray() -> float:
     return time.perf_counter() - t0
 
 
+def deploy_and_wait(path: Path, info: dict[str, Any]) -> tuple[Any, str]:
+    """Deploy a Serve config file as ``taskray serve`` does and wait for ``/readyz``; records
+    ``info["serve_ready_s"]``. Returns the loaded config and the base URL."""
+    from cluster import serving
+
+    config = serving.load_serve_config(str(path))
+    url = serving.base_url(config)
+    t1 = time.perf_counter()
+    serving.deploy(config)
+    serving.wait_ready(url, timeout_s=300, progress=lambda *_: None)
+    info["serve_ready_s"] = time.perf_counter() - t1
+    return config, url
+
+
 @contextmanager
 def serve_app(bundle: Path, tmp: Path, info: dict[str, Any]) -> Iterator[dict[str, Target]]:
     """Start Ray (``ensure_ray``), deploy the app as ``taskray serve`` does, wait for
@@ -582,17 +596,10 @@ def serve_app(bundle: Path, tmp: Path, info: dict[str, Any]) -> Iterator[dict[st
     ends. Fills ``info`` with start-up timings and the served model specs."""
     from ray import serve
 
-    from cluster import serving
-
     info["ray_start_s"] = ensure_ray()
     try:
         path, models = write_serve_config(tmp, bundle, free_port())
-        config = serving.load_serve_config(str(path))
-        url = serving.base_url(config)
-        t1 = time.perf_counter()
-        serving.deploy(config)
-        serving.wait_ready(url, timeout_s=300, progress=lambda *_: None)
-        info["serve_ready_s"] = time.perf_counter() - t1
+        config, url = deploy_and_wait(path, info)
         info["models"] = models
         info["app_name"] = config.applications[0].name
         info["batched_deployment"] = f"{models['batched']['task']}-{models['batched']['name']}"
@@ -894,17 +901,10 @@ def generator_app(model_dir: Path, tmp: Path, info: dict[str, Any]) -> Iterator[
     does, wait for ``/readyz``, yield the base URL; shut Serve down however the block ends."""
     from ray import serve
 
-    from cluster import serving
-
     info["ray_start_s"] = ensure_ray()
     try:
         path, deployed = write_generator_config(tmp, model_dir, free_port())
-        config = serving.load_serve_config(str(path))
-        url = serving.base_url(config)
-        t1 = time.perf_counter()
-        serving.deploy(config)
-        serving.wait_ready(url, timeout_s=300, progress=lambda *_: None)
-        info["serve_ready_s"] = time.perf_counter() - t1
+        _, url = deploy_and_wait(path, info)
         info["deployed"] = deployed
         yield url
     finally:

@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from serve.batching import isolate_failures
-from serve.config import AppArgs, Limits, ServedModel, replica_threads
+from serve.config import AppArgs, Limits, ServedModel, replica_device
 from serve.generator import generator_class
 from serve.schemas import (
     ChatMessage,
@@ -77,16 +77,10 @@ class TaskHead:
     def __init__(self, spec: dict[str, Any]) -> None:
         from collections import deque
 
-        import torch
-
         from actors.bundle import load_bundle
 
         self.spec = ServedModel.model_validate(spec)
-        device = self.spec.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        # Replicas share the node's cores with each other and with Ray itself.
-        torch.set_num_threads(replica_threads(self.spec.num_cpus))
+        device = replica_device(self.spec)
         self.bundle = load_bundle(self.spec.bundle, device=device)
         self.batch_sizes: Counter[int] = Counter()
         self.max_batch_size = self.spec.max_batch_size

@@ -160,3 +160,15 @@ def replica_threads(num_cpus: float) -> int:
     import os
 
     return max(1, min(int(num_cpus), os.cpu_count() or 1))
+
+
+def replica_device(spec: ServedModel) -> str:
+    """Prepare a model replica's torch and return its device: the replica's share of threads
+    (replicas share the node's cores with each other and with Ray itself), and ``auto`` →
+    CUDA when present, else CPU."""
+    import torch
+
+    torch.set_num_threads(replica_threads(spec.num_cpus))
+    if spec.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec.device

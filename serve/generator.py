@@ -17,7 +17,7 @@ from typing import Any
 from ray import serve
 
 from actors.generation import Completion, SamplingParams, generate_batch, stream_generate
-from serve.config import ServedModel, replica_threads
+from serve.config import ServedModel, replica_device
 
 
 def load_generative(path: str, task_name: str | None, device: str) -> dict[str, Any]:
@@ -71,13 +71,8 @@ class GeneratorBase:
     """Holds the model; subclasses created by ``generator_class`` add the Serve decorators."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
-        import torch
-
         self.spec = ServedModel.model_validate(spec)
-        device = self.spec.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(replica_threads(self.spec.num_cpus))
+        device = replica_device(self.spec)
         from actors.bundle import check_safetensors_only
 
         # Adapters are loaded on first use; refuse pickled ones now, at deploy time.

@@ -15,7 +15,7 @@ from typing import Any
 
 from ray import serve
 
-from serve.config import ServedModel, replica_threads
+from serve.config import ServedModel, replica_device
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
@@ -23,15 +23,11 @@ class VisionLanguage:
     """Image + prompt → answer, from a multimodal bundle."""
 
     def __init__(self, spec: dict[str, Any], max_image_bytes: int, max_image_pixels: int) -> None:
-        import torch
 
         from actors.vlm import load_vlm
 
         self.spec = ServedModel.model_validate(spec)
-        device = self.spec.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch.set_num_threads(replica_threads(self.spec.num_cpus))
+        device = replica_device(self.spec)
         self.loaded = load_vlm(self.spec.bundle, device=device)
         self.limits = {"max_bytes": max_image_bytes, "max_pixels": max_image_pixels}
         self.defaults = self.spec.generation
