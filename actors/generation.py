@@ -58,7 +58,8 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
     return ids
 
 
-def _trim_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+def trim_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Text cut at the first stop sequence, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -123,7 +124,7 @@ def generate_batch(
                 continue
             kept.append(t)
         text = tokenizer.decode(kept, skip_special_tokens=True)
-        text, stopped = _trim_at_stop(text, params.stop)
+        text, stopped = trim_at_stop(text, params.stop)
         prompt_len = int(enc["attention_mask"][i].sum())
         results.append(
             Completion(
@@ -181,7 +182,7 @@ def stream_generate(
     text, sent, stopped = "", 0, False
     for piece in streamer:
         text += piece
-        trimmed, hit = _trim_at_stop(text, params.stop)
+        trimmed, hit = trim_at_stop(text, params.stop)
         if hit:
             if len(trimmed) > sent:
                 yield trimmed[sent:]
@@ -205,7 +206,7 @@ def stream_generate(
     ids = [t for t in new.tolist() if t != tokenizer.pad_token_id or t in eos]
     ended = any(t in eos for t in ids)
     yield Completion(
-        text=_trim_at_stop(text, params.stop)[0],
+        text=trim_at_stop(text, params.stop)[0],
         finish_reason="stop" if ended or stopped else "length",
         prompt_tokens=prompt_len,
         completion_tokens=len(ids),

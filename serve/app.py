@@ -359,6 +359,11 @@ def make_api(args: AppArgs) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if _overloaded(exc):
+            # The generator's queue is full (scheduler.max_queued): back off and retry.
+            response = error_response(503, _first_line(exc), "overloaded")
+            response.headers["Retry-After"] = "1"
+            return response
         if _replica_lost(exc):
             # The replica died (or is unreachable) while it held this request: nothing is
             # wrong with the request, and Serve is replacing the replica — a retry succeeds.
@@ -832,7 +837,7 @@ def build_ingress(args: AppArgs) -> Any:
                 handle = handle.options(multiplexed_model_id=adapter)
             rid = f"cmpl-{uuid.uuid4().hex[:24]}"
             if body.stream:
-                return self._sse(handle, prompt, params, rid, body.model, chat=False)
+                return await self._sse(handle, prompt, params, rid, body.model, chat=False)
             done = await handle.complete.remote(prompt, params)
             return {
                 "id": rid,
@@ -889,7 +894,7 @@ def build_ingress(args: AppArgs) -> Any:
                 handle = handle.options(multiplexed_model_id=adapter)
             rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             if body.stream:
-                return self._sse(handle, prompt, params, rid, body.model, chat=True)
+                return await self._sse(handle, prompt, params, rid, body.model, chat=True)
             done = await handle.complete.remote(prompt, params)
             return {
                 "id": rid,
@@ -1065,7 +1070,7 @@ def build_ingress(args: AppArgs) -> Any:
                     f"{limits.max_text_chars}",
                 )
 
-        def _sse(
+        async def _sse(
             self,
             handle: DeploymentHandle,
             prompt: str,
@@ -1088,21 +1093,32 @@ def build_ingress(args: AppArgs) -> Any:
                 body = {"id": rid, "object": kind, "created": created, "model": model}
                 return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
 
+            stream = handle.options(stream=True).stream.remote(prompt, params)
+            # The generator's first item says it accepted the request: a full queue (503) or a
+            # bad request is answered with its status before any event is sent.
+            first = await stream.__anext__()
+
             async def events() -> Any:
+                finished = False
                 try:
                     if chat:
                         yield chunk(None, None, first=True)
-                    stream = handle.options(stream=True).stream.remote(prompt, params)
-                    async for item in stream:
+                    pending = [] if "queued" in first else [first]
+                    async for item in _chain(pending, stream):
                         if "text" in item:
                             yield chunk(item["text"], None)
-                        else:
+                        elif "done" in item:
                             yield chunk(None, item["done"]["finish_reason"])
+                    finished = True
                 except Exception as err:  # headers are sent: report in-band, then end
+                    finished = True
                     log.exception("stream failed")
                     message = str(err).strip().splitlines()[0] if str(err).strip() else "error"
                     error = {"error": {"message": message[:300], "type": "error"}}
                     yield f"data: {json.dumps(error)}\n\n"
+                finally:
+                    if not finished:  # the client went away: free the generator's slot now
+                        stream.cancel()
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -1130,6 +1146,23 @@ def _replica_lost(err: BaseException) -> bool:
     return any(
         isinstance(e, RayActorError) for e in (err, getattr(err, "cause", None), err.__cause__)
     )
+
+
+def _overloaded(err: BaseException) -> bool:
+    """Whether a generator refused the request because its queue is full."""
+    from actors.engine import EngineOverloaded
+
+    return any(
+        isinstance(e, EngineOverloaded) for e in (err, getattr(err, "cause", None), err.__cause__)
+    )
+
+
+async def _chain(first: list[Any], rest: Any) -> Any:
+    """Items already taken from an async iterator, then the iterator's remaining ones."""
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
 
 
 def _first_line(err: BaseException) -> str:

@@ -20,6 +20,23 @@ class GenerationDefaults(BaseModel):
     top_k: int = Field(default=0, ge=0)
 
 
+class SchedulerArgs(BaseModel):
+    """The continuous-batching engine of a causal-LM generator replica (hot: ``user_config``).
+    Budgets are reserved whole when a request joins (prompt + its max tokens), so a running
+    request is never preempted; past ``max_queued`` waiting requests the server answers 503."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_running: int = Field(default=32, ge=1, le=4096, description="sequences decoded together")
+    max_cached_tokens: int = Field(
+        default=32768, ge=16, description="KV-cache bound: prompt + max tokens of running requests"
+    )
+    max_queued: int = Field(default=256, ge=0, description="waiting requests before 503s")
+    max_prefill_tokens: int = Field(
+        default=4096, ge=1, description="prompt tokens prefilled per step (joins that wait)"
+    )
+
+
 class ServedModel(BaseModel):
     """One model (a taskray bundle or a plain HF model directory) and what it serves."""
 
@@ -43,8 +60,13 @@ class ServedModel(BaseModel):
         description="LoRA adapters over this base: request `model` name → adapter directory",
     )
     max_adapters: int = Field(default=4, ge=1, description="adapters held per replica (LRU)")
-    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_size: int = Field(
+        default=32, ge=1, le=1024, description="static batches (heads, seq2seq generators)"
+    )
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=5)
+    scheduler: SchedulerArgs = Field(
+        default_factory=SchedulerArgs, description="continuous batching of causal-LM generators"
+    )
     generation: GenerationDefaults = GenerationDefaults()
     device: str = "auto"
 

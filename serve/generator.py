@@ -1,10 +1,17 @@
 """The generator deployment: a causal or seq2seq LM (a bundle or a plain HF model directory)
-with LoRA adapters multiplexed per request, batched non-streaming generation and token
-streaming.
+with LoRA adapters multiplexed per request and token streaming.
+
+A causal LM is driven by one continuous-batching engine per replica
+(``actors.engine.ContinuousBatchingEngine``): every request — streamed or not, any sampling
+settings, any adapter — joins the running batch between decode steps and leaves when it is
+done. Its queue is bounded (``scheduler`` in the served model's config): a request past it is
+refused with ``EngineOverloaded``, which the ingress answers with 503 + Retry-After. A
+seq2seq LM keeps static batches (``@serve.batch``, equal settings per ``generate`` call).
 
 Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
 adapter to replicas that already hold it and evicts the least recently used one past
-``max_adapters``); they live as named PEFT adapters on one shared base model.
+``max_adapters``); they live as named PEFT adapters on one shared base model, and requests for
+different adapters share the engine's batch (PEFT's mixed-adapter forward).
 """
 
 import asyncio
@@ -16,6 +23,7 @@ from typing import Any
 
 from ray import serve
 
+from actors.engine import ContinuousBatchingEngine, EngineLimits
 from actors.generation import Completion, SamplingParams, generate_batch, stream_generate
 from serve.config import ServedModel, replica_device
 
@@ -81,32 +89,47 @@ class GeneratorBase:
         loaded = load_generative(self.spec.bundle, self.spec.task, device)
         self.task, self.model, self.tokenizer = loaded["task"], loaded["model"], loaded["tokenizer"]
         self.seq2seq = loaded["kind"] == "seq2seq_lm"
-        # One generate at a time per replica: adapters switch on the shared base, and CPU
-        # threads are better spent inside one batched call than across competing ones.
-        self.lock = threading.Lock()
+        self.engine: ContinuousBatchingEngine | None = None
+        if not self.seq2seq:
+            self.engine = ContinuousBatchingEngine(
+                self.model, self.tokenizer, self._limits(self.spec.scheduler.model_dump()),
+                prepare=self._prepare_adapters,
+            )  # fmt: skip
+        # One model step at a time per replica: adapters are added to and removed from the
+        # shared base under this lock (the engine holds it during each step).
+        self.lock: Any = self.engine.lock if self.engine is not None else threading.Lock()
         self.loaded_adapters: list[str] = []
         self.batch_sizes: Counter[int] = Counter()
         self.defaults = self.spec.generation
         self.generate.set_max_batch_size(self.spec.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
+    @staticmethod
+    def _limits(scheduler: dict[str, Any]) -> EngineLimits:
+        return EngineLimits(**scheduler)
+
     # ----- adapters -------------------------------------------------------------------------
     def _load_adapter(self, name: str) -> None:
-        from peft import PeftModel
-
         from actors.bundle import check_safetensors_only
 
-        path = self.spec.adapters[name]
-        check_safetensors_only(path)  # PEFT would fall back to a pickled adapter_model.bin
+        check_safetensors_only(self.spec.adapters[name])  # PEFT would fall back to a pickle
         with self.lock:
-            if name in self.loaded_adapters:
-                return
-            if isinstance(self.model, PeftModel):
-                self.model.load_adapter(path, adapter_name=name)
-            else:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-            self.model.eval()
-            self.loaded_adapters.append(name)
+            if name not in self.loaded_adapters:
+                self._attach(name)
+
+    def _attach(self, name: str) -> None:
+        """Add an adapter to the shared base (caller holds ``lock``)."""
+        from peft import PeftModel
+
+        path = self.spec.adapters[name]
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+        self.model.eval()
+        self.loaded_adapters.append(name)
+        if self.engine is not None:
+            self.engine.model = self.model
 
     def _unload_adapter(self, name: str) -> None:
         with self.lock:
@@ -117,6 +140,14 @@ class GeneratorBase:
                 self.model.delete_adapter(name)
             else:  # the last one: back to the plain base (PEFT can't hold zero adapters)
                 self.model = self.model.unload()
+            if self.engine is not None:
+                self.engine.model = self.model
+
+    def _prepare_adapters(self, names: set[str]) -> None:
+        """Called by the engine (under ``lock``) before a step: an adapter that Serve evicted
+        while a request of its own was still queued or running is loaded again."""
+        for name in sorted(names - set(self.loaded_adapters)):
+            self._attach(name)
 
     async def _adapter_for_request(self) -> str | None:
         name = serve.get_multiplexed_model_id()
@@ -136,8 +167,7 @@ class GeneratorBase:
                 ctx = self.model.disable_adapter()
             else:
                 if adapter not in self.loaded_adapters:  # evicted meanwhile: reload
-                    self.model.load_adapter(self.spec.adapters[adapter], adapter_name=adapter)
-                    self.loaded_adapters.append(adapter)
+                    self._attach(adapter)
                 self.model.set_adapter(adapter)
                 ctx = contextlib.nullcontext()
             with ctx:
@@ -161,8 +191,13 @@ class GeneratorBase:
         return True
 
     def stats(self) -> dict[str, Any]:
-        """Batch sizes run and adapters held (for tests and tuning)."""
-        return {"batch_sizes": dict(self.batch_sizes), "adapters": list(self.loaded_adapters)}
+        """Batch sizes run (prefills that joined the running batch, for a causal LM), adapters
+        held and, for a causal LM, the engine's queue and batch figures."""
+        out: dict[str, Any] = {"adapters": list(self.loaded_adapters)}
+        if self.engine is None:
+            return {"batch_sizes": dict(self.batch_sizes), **out}
+        engine = self.engine.stats()
+        return {"batch_sizes": engine["prefill_batch_sizes"], "engine": engine, **out}
 
     def check_health(self) -> None:
         """Serve's periodic probe."""
@@ -177,11 +212,41 @@ class GeneratorBase:
             self.generate.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
         if "generation" in user_config:
             self.defaults = self.defaults.model_copy(update=user_config["generation"])
+        if "scheduler" in user_config and self.engine is not None:
+            from serve.config import SchedulerArgs
+
+            merged = {**self.spec.scheduler.model_dump(), **user_config["scheduler"]}
+            self.engine.limits = self._limits(SchedulerArgs.model_validate(merged).model_dump())
 
     # ----- generation -----------------------------------------------------------------------
+    def _submit(self, prompt: str, params: dict[str, Any], adapter: str | None, sink: Any) -> int:
+        """Queue a request on the engine; its events are handed to ``sink`` on this replica's
+        event loop (one hop per engine step, however many requests it served)."""
+        assert self.engine is not None
+        if self.engine.dispatcher is None:
+            self.engine.dispatcher = asyncio.get_running_loop().call_soon_threadsafe
+        return self.engine.submit(prompt, SamplingParams(**params), adapter, sink)
+
     async def complete(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
-        """One prompt → one completion; concurrent calls are batched by ``generate``."""
+        """One prompt → one completion (it joins the running batch; a seq2seq model's
+        concurrent calls are batched by ``generate``)."""
         adapter = await self._adapter_for_request()
+        if self.engine is not None:
+            result: Any = asyncio.get_running_loop().create_future()
+
+            def sink(kind: str, payload: Any) -> None:
+                if result.done():
+                    return
+                if kind == "done":
+                    result.set_result(payload)
+                elif kind == "error":
+                    result.set_exception(payload)
+
+            rid = self._submit(prompt, params, adapter, sink)
+            try:
+                return (await result).__dict__
+            finally:
+                self.engine.cancel(rid)  # a no-op once done; frees the slot if we were cancelled
         result = await self.generate((prompt, SamplingParams(**params), adapter))
         if isinstance(result, Exception):  # this prompt's own failure (see generate)
             raise result
@@ -218,8 +283,21 @@ class GeneratorBase:
         return out
 
     async def stream(self, prompt: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Text pieces as they are generated, then ``{"done": Completion}``."""
+        """``{"queued": id}`` once accepted, then text pieces as they are generated, then
+        ``{"done": Completion}``. Pieces that arrive while the caller is still reading the
+        previous one are sent as one (fewer, larger messages under load). Closing the stream
+        (a client that went away) frees the request's slot at the engine's next step."""
         adapter = await self._adapter_for_request()
+        if self.engine is not None:
+            queue: asyncio.Queue = asyncio.Queue()
+            rid = self._submit(prompt, params, adapter, lambda k, p: queue.put_nowait((k, p)))
+            try:
+                yield {"queued": rid}
+                async for item in _coalesced(queue):
+                    yield item
+            finally:
+                self.engine.cancel(rid)
+            return
         sampling = SamplingParams(**params)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -258,6 +336,24 @@ class GeneratorBase:
             else:
                 yield {"text": item}
         await task
+
+
+async def _coalesced(queue: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
+    """An engine request's events as stream items: text pieces waiting together joined into
+    one, then the completion (or its error raised)."""
+    while True:
+        events = [await queue.get()]
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        text = "".join(p for k, p in events if k == "text")
+        if text:
+            yield {"text": text}
+        for kind, payload in events:
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                yield {"done": payload.__dict__}
+                return
 
 
 def _forward(pieces: Any, loop: Any, queue: asyncio.Queue) -> Any:

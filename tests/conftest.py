@@ -47,6 +47,25 @@ def read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def tiny_gpt2(n_positions: int) -> tuple:
+    """(model, tokenizer): a 2-layer GPT-2 with ``n_positions`` learned positions (past them
+    the forward pass raises ``IndexError``), random weights (seed 0), and the project's tiny
+    byte-level BPE tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from actors.tiny import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    config = GPT2Config(
+        vocab_size=len(tok), n_positions=n_positions, n_embd=64, n_layer=2, n_head=4,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:

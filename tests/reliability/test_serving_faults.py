@@ -42,6 +42,7 @@ import yaml
 
 from serve.client import Client, TaskrayError
 from tests.conftest import free_port
+from tests.conftest import tiny_gpt2 as conftest_gpt2
 
 pytestmark = pytest.mark.ray
 
@@ -152,21 +153,9 @@ def outcome(call: Callable[[], Any]) -> tuple[str, str]:
 
 # ----- the application ----------------------------------------------------------------------
 def tiny_gpt2(directory: Path) -> Path:
-    """A plain HF model directory: a 2-layer GPT-2 with ``N_POSITIONS`` learned positions,
-    random weights (seed 0) and the project's tiny byte-level BPE tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    from actors.tiny import bpe_tokenizer
-
-    tok = bpe_tokenizer()
-    config = GPT2Config(
-        vocab_size=len(tok), n_positions=N_POSITIONS, n_embd=64, n_layer=2, n_head=4,
-        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory, safe_serialization=True)
+    """A plain HF model directory: the shared tiny GPT-2 with ``N_POSITIONS`` positions."""
+    model, tok = conftest_gpt2(N_POSITIONS)
+    model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory
 

@@ -1,0 +1,544 @@
+"""Continuous (iteration-level) batching for causal LMs: one scheduler per replica owns the
+model; requests join the running batch between decode steps and leave as soon as they finish.
+
+Why a scheduler of our own: transformers' continuous batching (``generate_batch`` /
+``ContinuousBatchingManager`` over a paged cache) is the library path, but on CPU it measured
+~6x slower than one static ``generate`` of the same batch (4-layer h=256 llama, 32 prompts x 64
+tokens: 27.8 s against 4.4 s), and vLLM cannot be installed beside this torch. Static
+``generate`` cannot take a new request mid-batch. So this module keeps one left-padded
+``DynamicCache`` (transformers' own cache class and model forward) and does the scheduling
+itself: a new request is prefilled (with other newcomers, left-padded), its cache rows are
+padded to the running width and concatenated; a finished or cancelled request's rows are
+dropped and leading all-padding columns trimmed. ``position_ids`` are each sequence's own and
+rotary/absolute embeddings are applied before caching, so padding never shifts a position; the
+2D attention mask hides the padding. The result is the same computation ``generate`` does for a
+left-padded batch.
+
+The engine behind the Serve generator is any object with the ``Engine`` interface (submit →
+events through a sink, cancel, stats, close): an external engine (vLLM through Ray Serve LLM on
+GPU clusters) can stand behind the same deployment. No Ray here.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+import os
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from actors.generation import Completion, SamplingParams, stop_token_ids, trim_at_stop
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[str, Any], None]
+"""Receives ``("text", str)`` pieces, then one ``("done", Completion)`` or ``("error", exc)``."""
+
+Dispatcher = Callable[[Callable[[], None]], None]
+"""Runs a callback where the sinks live (an event loop's ``call_soon_threadsafe``)."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The waiting queue is full: retry later (the server answers 503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Bounds on what one replica holds (memory is what the KV cache of these costs)."""
+
+    max_running: int = 32
+    """Sequences in the running decode batch."""
+    max_cached_tokens: int = 32768
+    """Prompt + max new tokens reserved by the running sequences (the KV cache bound)."""
+    max_queued: int = 256
+    """Requests waiting for a slot; past this, submit raises ``EngineOverloaded``."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled in one step (bounds the pause a join causes running streams)."""
+
+
+class Engine(Protocol):
+    """What the generator deployment needs from an engine."""
+
+    def submit(self, prompt: str, params: SamplingParams, adapter: str | None, sink: Sink) -> int:
+        """Queue a request; its events go to ``sink``. Raises ``EngineOverloaded``."""
+        ...
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request (a client went away); its slot is freed at the next step."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for tests and tuning."""
+        ...
+
+    def close(self) -> None:
+        """Fail what is queued or running and stop."""
+        ...
+
+
+@dataclass(eq=False)
+class _Seq:
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None
+    sink: Sink
+    rng: torch.Generator | None
+    ids: list[int] = field(default_factory=list)  # generated, without a final EOS
+    generated: int = 0  # tokens generated (an ending EOS included)
+    position: int = 0  # position id of ``last`` (the token fed at the next step)
+    last: int = 0  # the token fed at the next step
+    sent: int = 0  # characters of text already handed to the sink
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def budget(self) -> int:
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+
+def _cjk(ch: str) -> bool:
+    """CJK ideographs carry no spaces: like ``TextStreamer``, flush after each one."""
+    cp = ord(ch)
+    return (
+        0x4E00 <= cp <= 0x9FFF
+        or 0x3400 <= cp <= 0x4DBF
+        or 0x20000 <= cp <= 0x2A6DF
+        or 0xF900 <= cp <= 0xFAFF
+        or 0x2F800 <= cp <= 0x2FA1F
+    )
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class ContinuousBatchingEngine:
+    """Iteration-level scheduler over a causal LM (see the module docstring).
+
+    One thread runs steps: admit waiting requests that fit the limits (FIFO) and prefill them,
+    drop finished and cancelled rows, then one batched decode step for every running sequence.
+    Each sequence keeps its own sampling settings, seed (its own ``torch.Generator``: a seeded
+    request samples the same tokens whatever else is in the batch), stop sequences and token
+    budget. ``lock`` is held during each step: code that swaps adapters on ``model`` takes it.
+    Adapters of one PEFT base share a batch through PEFT's mixed-adapter forward
+    (``adapter_names=[...]`` per row, ``"__base__"`` for the plain model).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        limits: EngineLimits | None = None,
+        prepare: Callable[[set[str]], None] | None = None,
+    ) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.limits = limits or EngineLimits()
+        self.prepare = prepare  # called under ``lock`` with the adapters the next step uses
+        self.dispatcher: Dispatcher | None = None
+        self.lock = threading.RLock()
+        self._cond = threading.Condition()
+        self._waiting: deque[_Seq] = deque()
+        self._running: list[_Seq] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._ids = itertools.count(1)
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._eos = set(stop_token_ids(tokenizer, model))
+        config = getattr(model, "config", None)
+        self._max_positions = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        accepted = inspect.signature(self._base().forward).parameters
+        self._keep_logits = "logits_to_keep" in accepted
+        # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
+        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self.counters: Counter[str] = Counter()
+        self.prefill_sizes: Counter[int] = Counter()
+        self.decode_sizes: Counter[int] = Counter()
+
+    # ----- public interface -------------------------------------------------------------------
+    def submit(self, prompt: str, params: SamplingParams, adapter: str | None, sink: Sink) -> int:
+        """Tokenise and queue one request (see ``Engine.submit``)."""
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("prompt: empty after tokenisation")
+        need = len(ids) + params.max_new_tokens
+        if need > self.limits.max_cached_tokens:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceed the "
+                f"scheduler's max_cached_tokens={self.limits.max_cached_tokens}"
+            )
+        rng = None
+        if not params.greedy:
+            rng = torch.Generator(device=self._device())
+            seed = params.seed
+            if seed is None:
+                seed = int.from_bytes(os.urandom(8), "little")
+            rng.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generation engine is shut down")
+            if len(self._waiting) >= self.limits.max_queued:
+                self.counters["refused"] += 1
+                raise EngineOverloaded(
+                    f"{len(self._waiting)} requests are already waiting "
+                    f"(scheduler.max_queued={self.limits.max_queued}); retry later"
+                )
+            seq = _Seq(next(self._ids), list(ids), params, adapter, sink, rng)
+            self._waiting.append(seq)
+            self.counters["submitted"] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="taskray-engine", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return seq.rid
+
+    def cancel(self, rid: int) -> None:
+        """Mark a request cancelled; the engine thread drops it before its next step."""
+        with self._cond:
+            for seq in itertools.chain(self._waiting, self._running):
+                if seq.rid == rid:
+                    seq.cancelled = True
+            self._cond.notify()
+
+    def stats(self) -> dict[str, Any]:
+        """Queue and batch figures (``running`` and ``waiting`` are live counts)."""
+        with self._cond:
+            running, waiting = len(self._running), len(self._waiting)
+            reserved = sum(s.budget for s in self._running)
+        return {
+            "running": running,
+            "waiting": waiting,
+            "reserved_tokens": reserved,
+            "cache_width": 0 if self._mask is None else int(self._mask.shape[1]),
+            "prefill_batch_sizes": dict(self.prefill_sizes),
+            "decode_batch_sizes": dict(self.decode_sizes),
+            **dict(self.counters),
+        }
+
+    def close(self) -> None:
+        """Fail every queued and running request and end the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ----- the loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            events: list[tuple[Sink, str, Any]] = []
+            with self._cond:
+                while not self._waiting and not self._running and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    gone = [*self._waiting, *self._running]
+                    self._waiting.clear()
+                    self._running.clear()
+                    err = RuntimeError("the generation engine is shut down")
+                    self._deliver([(s.sink, "error", err) for s in gone])
+                    return
+                admit = self._admit()
+            try:
+                with self.lock, torch.inference_mode():
+                    self._drop(events)
+                    if self.prepare is not None:
+                        names = {s.adapter for s in [*self._running, *admit] if s.adapter}
+                        self.prepare(names)
+                    if admit:
+                        self._prefill(admit, events)
+                    if self._running:
+                        self._decode(events)
+                    self._drop(events)
+            except Exception as err:  # a failed decode step fails the batch it ran
+                log.exception("decode step failed")
+                with self._cond:
+                    gone, self._running = self._running, []
+                self._reset_cache()
+                events += [(s.sink, "error", err) for s in gone]
+            self._deliver(events)
+
+    def _admit(self) -> list[_Seq]:
+        """FIFO: waiting requests while slots, cached tokens and the prefill budget allow
+        (caller holds ``_cond``). Budgets are reserved whole, so nothing is ever preempted."""
+        admit: list[_Seq] = []
+        reserved = sum(s.budget for s in self._running)
+        prefill = 0
+        while self._waiting:
+            seq = self._waiting[0]
+            if seq.cancelled:
+                self._waiting.popleft()
+                self.counters["cancelled"] += 1
+                continue
+            if len(self._running) + len(admit) >= self.limits.max_running:
+                break
+            if reserved + seq.budget > self.limits.max_cached_tokens:
+                break
+            if admit and prefill + len(seq.prompt_ids) > self.limits.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            admit.append(seq)
+            reserved += seq.budget
+            prefill += len(seq.prompt_ids)
+        return admit
+
+    def _deliver(self, events: list[tuple[Sink, str, Any]]) -> None:
+        if not events:
+            return
+
+        def run() -> None:
+            for sink, kind, payload in events:
+                try:
+                    sink(kind, payload)
+                except Exception:  # one consumer's bug must not stop the others
+                    log.exception("event sink failed")
+
+        if self.dispatcher is None:
+            run()
+        else:
+            self.dispatcher(run)
+
+    # ----- model steps --------------------------------------------------------------------------
+    def _base(self) -> Any:
+        get_base = getattr(self.model, "get_base_model", None)
+        return get_base() if get_base is not None else self.model
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _forward(self, seqs: Sequence[_Seq], **kwargs: Any) -> torch.Tensor:
+        """The model's forward for these rows → logits of each row's last position."""
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            kwargs["adapter_names"] = [s.adapter or "__base__" for s in seqs]
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(use_cache=True, return_dict=True, **kwargs)
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
+        """Prefill newcomers together; if that fails, one at a time, so a prompt that makes the
+        model raise fails alone."""
+        try:
+            self._prefill_rows(seqs, events)
+        except Exception as err:
+            if len(seqs) == 1:
+                self._fail(seqs, err, events)
+                return
+            for seq in seqs:
+                try:
+                    self._prefill_rows([seq], events)
+                except Exception as one:
+                    self._fail([seq], one, events)
+
+    def _fail(self, seqs: list[_Seq], err: Exception, events: list[tuple[Sink, str, Any]]) -> None:
+        log.warning("prefill failed for %d request(s): %s", len(seqs), err)
+        self.counters["failed"] += len(seqs)
+        events += [(s.sink, "error", err) for s in seqs]
+
+    def _prefill_rows(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
+        from transformers import DynamicCache
+
+        device = self._device()
+        width = max(len(s.prompt_ids) for s in seqs)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else 0
+        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            input_ids[row, width - n :] = torch.tensor(seq.prompt_ids)
+            mask[row, width - n :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
+        cache = DynamicCache()
+        logits = self._forward(
+            seqs,
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            **{self._cache_arg: cache},
+        )
+        self.prefill_sizes[len(seqs)] += 1
+        for seq in seqs:
+            seq.position = len(seq.prompt_ids) - 1  # the last prompt token's; _advance moves on
+        self._join(cache, mask)
+        with self._cond:
+            self._running.extend(seqs)
+        self._advance(seqs, logits, events)
+
+    def _join(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append new cache rows to the running batch, left-padding the narrower side."""
+        if self._cache is None or self._mask is None or self._mask.shape[0] == 0:
+            self._cache, self._mask = cache, mask
+            return
+        old, new = self._mask.shape[1], mask.shape[1]
+        width = max(old, new)
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width - old, -2),
+                                   _pad_left(theirs.keys, width - new, -2)])  # fmt: skip
+            mine.values = torch.cat([_pad_left(mine.values, width - old, -2),
+                                     _pad_left(theirs.values, width - new, -2)])  # fmt: skip
+        self._mask = torch.cat([_pad_left(self._mask, width - old, 1),
+                                _pad_left(mask, width - new, 1)])  # fmt: skip
+
+    def _decode(self, events: list[tuple[Sink, str, Any]]) -> None:
+        """One token for every running sequence."""
+        assert self._mask is not None
+        seqs = list(self._running)
+        device = self._device()
+        input_ids = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=device)
+        positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long, device=device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], dim=1)
+        logits = self._forward(
+            seqs,
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            **{self._cache_arg: self._cache},
+        )
+        self.decode_sizes[len(seqs)] += 1
+        self._advance(seqs, logits, events)
+
+    def _drop(self, events: list[tuple[Sink, str, Any]]) -> None:
+        """Remove finished and cancelled rows from the batch and trim leading padding."""
+        with self._cond:
+            keep = [i for i, s in enumerate(self._running) if not (s.cancelled or s.done)]
+            self.counters["cancelled"] += sum(s.cancelled and not s.done for s in self._running)
+            if len(keep) == len(self._running):
+                return
+            self._running = [self._running[i] for i in keep]
+        if not keep:
+            self._reset_cache()
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        self._mask = self._mask.index_select(0, index)
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else 0
+        self._mask = self._mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def _reset_cache(self) -> None:
+        self._cache, self._mask = None, None
+
+    # ----- tokens → text ------------------------------------------------------------------------
+    def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
+        """Greedy rows take the argmax; sampled rows go through transformers' own warpers,
+        grouped by equal settings, and draw with their own generator."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        chosen = logits.argmax(dim=-1).tolist()
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for row, seq in enumerate(seqs):
+            p = seq.params
+            if not p.greedy:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+        for (temperature, top_k, top_p), rows in groups.items():
+            scores = logits[rows]
+            scores = TemperatureLogitsWarper(temperature)(None, scores)
+            if top_k:
+                scores = TopKLogitsWarper(top_k)(None, scores)
+            if top_p < 1.0:
+                scores = TopPLogitsWarper(top_p)(None, scores)
+            probs = scores.softmax(dim=-1)
+            for i, row in enumerate(rows):
+                draw = torch.multinomial(probs[i], 1, generator=seqs[row].rng)
+                chosen[row] = int(draw)
+        return chosen
+
+    def _advance(
+        self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]
+    ) -> None:
+        for seq, token in zip(seqs, self._choose(seqs, logits), strict=True):
+            if seq.cancelled or seq.done:
+                continue
+            seq.generated += 1
+            seq.last = token
+            seq.position += 1
+            if token in self._eos:
+                self._finish(seq, "stop", self._text(seq), events)
+                continue
+            seq.ids.append(token)
+            text = self._text(seq)
+            if seq.params.stop:
+                trimmed, hit = trim_at_stop(text, seq.params.stop)
+                if hit:
+                    self._finish(seq, "stop", trimmed, events)
+                    continue
+            full = seq.generated >= seq.params.max_new_tokens
+            if full or (self._max_positions and seq.position >= self._max_positions):
+                self._finish(seq, "length", text, events)
+                continue
+            self._emit(seq, text, events)
+
+    def _text(self, seq: _Seq) -> str:
+        return self.tokenizer.decode(seq.ids, skip_special_tokens=True)
+
+    def _emit(self, seq: _Seq, text: str, events: list[tuple[Sink, str, Any]]) -> None:
+        """Hand over the text that can no longer change: like transformers' ``TextStreamer``,
+        up to the last space (a later token may still merge into the current word), all of it
+        after a newline or a CJK character, never half of a multi-byte character, and never
+        what could be the start of a stop sequence."""
+        if not text or text.endswith("\ufffd"):
+            return
+        upto = len(text) if text.endswith("\n") or _cjk(text[-1]) else text.rfind(" ") + 1
+        if seq.params.stop:
+            upto = min(upto, len(text) - (max(len(s) for s in seq.params.stop) - 1))
+        if upto > seq.sent:
+            events.append((seq.sink, "text", text[seq.sent : upto]))
+            seq.sent = upto
+
+    def _finish(
+        self, seq: _Seq, reason: str, text: str, events: list[tuple[Sink, str, Any]]
+    ) -> None:
+        if len(text) > seq.sent:
+            events.append((seq.sink, "text", text[seq.sent :]))
+            seq.sent = len(text)
+        done = Completion(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(seq.prompt_ids),
+            completion_tokens=seq.generated,
+            token_ids=list(seq.ids),
+        )
+        events.append((seq.sink, "done", done))
+        seq.done = True  # leaves the batch at the next _drop
+        self.counters["finished"] += 1
+
+
+def wait_result(engine: Engine, prompt: str, params: SamplingParams, adapter: str | None = None,
+                timeout_s: float = 600.0) -> Completion:  # fmt: skip
+    """Submit and block until the completion (for callers without an event loop: tests,
+    ``taskray evaluate``)."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def sink(kind: str, payload: Any) -> None:
+        if kind in ("done", "error"):
+            box[kind] = payload
+            done.set()
+
+    engine.submit(prompt, params, adapter, sink)
+    if not done.wait(timeout_s):
+        raise TimeoutError(f"no completion within {timeout_s} s")
+    if "error" in box:
+        raise box["error"]
+    return box["done"]

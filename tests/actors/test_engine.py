@@ -1,0 +1,299 @@
+"""The continuous-batching engine (no Ray): greedy output equals ``model.generate`` token for
+token alone and inside a busy batch that requests join and leave mid-decode (a rotary llama and
+a GPT-2 with learned positions, where an off-by-one position changes the text), mixed LoRA
+adapters in one batch, per-request seeds, stop sequences, bounded queue and KV budget,
+cancellation, and a failing prompt that fails alone."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from actors.engine import ContinuousBatchingEngine, EngineLimits, EngineOverloaded, wait_result
+from actors.generation import Completion, SamplingParams
+from tests.conftest import tiny_gpt2
+
+PROMPTS = [
+    "Write a short note about the train timetable.",
+    "Question: what is 12 times 7? Answer:",
+    "Paris is the capital of France; Berlin is",
+    "The quick brown fox",
+    "def add(a, b):",
+    "You are a helpful assistant. Please answer briefly and politely.",
+]
+NEW = 24
+
+
+def _llama() -> tuple[Any, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    source = tiny_model_path("tiny:llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).eval()
+    return model, AutoTokenizer.from_pretrained(source)
+
+
+def _gpt2(n_positions: int = 128) -> tuple[Any, Any]:
+    return tiny_gpt2(n_positions)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request) -> tuple[Any, Any]:
+    return _llama() if request.param == "llama" else _gpt2()
+
+
+def reference(model: Any, tok: Any, prompt: str, new: int = NEW) -> list[int]:
+    """``model.generate`` alone, greedy: the generated ids up to (without) EOS."""
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ids = out[0, enc["input_ids"].shape[1] :].tolist()
+    return ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+
+
+class Recorder:
+    """A sink that keeps the pieces and the completion, and can run a callback on the first
+    piece (to make another request join while this one is decoding)."""
+
+    def __init__(self, on_first: Any = None) -> None:
+        self.pieces: list[str] = []
+        self.done: Completion | None = None
+        self.error: Exception | None = None
+        self.finished = threading.Event()
+        self.on_first = on_first
+        self.generated_before_first: int | None = None
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        if kind == "text":
+            self.pieces.append(payload)
+            if self.on_first is not None:
+                callback, self.on_first = self.on_first, None
+                callback()
+        else:
+            self.done = payload if kind == "done" else None
+            self.error = payload if kind == "error" else None
+            self.finished.set()
+
+    def result(self, timeout_s: float = 120.0) -> Completion:
+        assert self.finished.wait(timeout_s), "no completion in time"
+        if self.error is not None:
+            raise self.error
+        assert self.done is not None
+        return self.done
+
+
+def test_greedy_alone_equals_generate(lm):
+    model, tok = lm
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        for prompt in PROMPTS:
+            done = wait_result(engine, prompt, SamplingParams(max_new_tokens=NEW))
+            assert done.token_ids == reference(model, tok, prompt)[: len(done.token_ids)]
+            assert done.text == tok.decode(done.token_ids, skip_special_tokens=True)
+            assert done.prompt_tokens == len(tok(prompt, add_special_tokens=False)["input_ids"])
+    finally:
+        engine.close()
+
+
+def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
+    """Requests join a running batch at different steps (each one's first piece submits the
+    next), with different lengths and a sampled neighbour; each greedy output still equals
+    ``generate`` alone, and the decode batch really held several sequences at once."""
+    model, tok = lm
+    engine = ContinuousBatchingEngine(model, tok)
+    recorders: list[Recorder] = []
+    lengths = [NEW, 6, NEW, 12, NEW, 3]
+
+    def chain(i: int) -> Any:
+        def submit() -> None:
+            rec = Recorder(on_first=chain(i + 1) if i + 1 < len(PROMPTS) else None)
+            recorders.append(rec)
+            engine.submit(PROMPTS[i], SamplingParams(max_new_tokens=lengths[i]), None, rec)
+            # a sampled request in the same batch must not disturb the greedy ones
+            sampled = SamplingParams(max_new_tokens=5, temperature=1.0, seed=i)
+            engine.submit(PROMPTS[-1 - i], sampled, None, Recorder())
+
+        return submit
+
+    try:
+        chain(0)()
+        deadline = time.monotonic() + 120
+        while len(recorders) < len(PROMPTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for i, rec in enumerate(recorders):
+            done = rec.result()
+            want = reference(model, tok, PROMPTS[i], lengths[i])
+            assert done.token_ids == want[: len(done.token_ids)], PROMPTS[i]
+            assert "".join(rec.pieces) == done.text
+            if done.finish_reason == "length":
+                assert done.completion_tokens == lengths[i]
+        sizes = engine.stats()["decode_batch_sizes"]
+        assert max(sizes) >= 3, sizes
+    finally:
+        engine.close()
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch():
+    model, tok = _llama()
+    engine = ContinuousBatchingEngine(model, tok)
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=11)
+    try:
+        alone = wait_result(engine, PROMPTS[0], params)
+        others = [Recorder() for _ in range(4)]
+        for i, rec in enumerate(others):
+            engine.submit(PROMPTS[i + 1], SamplingParams(max_new_tokens=20, temperature=1.3,
+                                                         seed=100 + i), None, rec)  # fmt: skip
+        busy = wait_result(engine, PROMPTS[0], params)
+        for rec in others:
+            rec.result()
+        assert busy.token_ids == alone.token_ids
+        unseeded = {tuple(wait_result(engine, PROMPTS[0],
+                                      SamplingParams(max_new_tokens=16, temperature=1.5)
+                                      ).token_ids) for _ in range(3)}  # fmt: skip
+        assert len(unseeded) > 1  # no seed: a fresh draw each time
+    finally:
+        engine.close()
+
+
+def test_stop_sequence_is_trimmed_and_never_streamed(lm):
+    model, tok = lm
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        full = wait_result(engine, PROMPTS[0], SamplingParams(max_new_tokens=NEW)).text
+        stop = full[len(full) // 2 : len(full) // 2 + 2]
+        if not stop.strip():
+            pytest.skip(f"no usable stop string in {full!r}")
+        rec = Recorder()
+        engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=NEW, stop=(stop,)), None, rec)
+        done = rec.result()
+        assert done.text == full[: full.index(stop)]
+        assert done.finish_reason == "stop"
+        assert "".join(rec.pieces) == done.text
+    finally:
+        engine.close()
+
+
+def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path):
+    """Base, adapter a and adapter b in one running batch (PEFT's mixed-adapter forward):
+    each output equals PEFT's own ``generate`` with only that adapter active."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model, tok = _llama()
+    model.save_pretrained(tmp_path / "base")
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                            init_lora_weights=False)  # fmt: skip
+        get_peft_model(fresh, config).save_pretrained(tmp_path / name)
+
+    def alone(adapter: str | None) -> list[int]:
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        if adapter is None:
+            return reference(base, tok, PROMPTS[0])
+        return reference(PeftModel.from_pretrained(base, tmp_path / adapter).eval(), tok,
+                         PROMPTS[0])  # fmt: skip
+
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    served = PeftModel.from_pretrained(served, tmp_path / "a", adapter_name="a")
+    served.load_adapter(tmp_path / "b", adapter_name="b")
+    served.eval()
+    engine = ContinuousBatchingEngine(served, tok)
+    try:
+        recs = {name: Recorder() for name in (None, "a", "b")}
+        with engine.lock:  # hold the first step so all three run in the same batch
+            for name, rec in recs.items():
+                engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=NEW), name, rec)
+        outputs = {name: rec.result().token_ids for name, rec in recs.items()}
+        assert max(engine.stats()["decode_batch_sizes"]) == 3
+        for name, ids in outputs.items():
+            assert ids == alone(name)[: len(ids)], name
+        assert outputs["a"] != outputs["b"] != outputs[None]
+    finally:
+        engine.close()
+
+
+def test_queue_bound_refuses_and_kv_budget_makes_requests_wait():
+    model, tok = _llama()
+    n = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
+    limits = EngineLimits(max_running=4, max_cached_tokens=n + 40, max_queued=1)
+    engine = ContinuousBatchingEngine(model, tok, limits)
+    try:
+        with engine.lock:  # the engine thread blocks before its first step
+            first = Recorder()
+            engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=40), None, first)
+            deadline = time.monotonic() + 10
+            while engine.stats()["waiting"] and time.monotonic() < deadline:
+                time.sleep(0.005)  # the engine took it (it waits on the lock to prefill)
+            second = Recorder()
+            engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=40), None, second)
+            with pytest.raises(EngineOverloaded, match="max_queued=1"):
+                engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=4), None, Recorder())
+        # The second fits the KV budget only after the first leaves: it never ran beside it.
+        first.result(), second.result()
+        stats = engine.stats()
+        assert max(stats["decode_batch_sizes"]) == 1, stats
+        assert stats["refused"] == 1
+        with pytest.raises(ValueError, match="max_cached_tokens"):
+            engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=200), None, Recorder())
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_the_slot_at_the_next_step():
+    model, tok = _llama()
+    engine = ContinuousBatchingEngine(model, tok, EngineLimits(max_running=1))
+    try:
+        started = threading.Event()
+        rec = Recorder(on_first=started.set)
+        rid = engine.submit(PROMPTS[1] + " " + PROMPTS[3], SamplingParams(max_new_tokens=5000),
+                            None, rec)  # fmt: skip
+        assert started.wait(60)
+        engine.cancel(rid)
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == 0 and engine.stats()["cancelled"] == 1
+        assert not rec.finished.is_set()  # a cancelled request says nothing more
+        # the one slot is free again
+        assert wait_result(engine, PROMPTS[0], SamplingParams(max_new_tokens=3)).completion_tokens
+    finally:
+        engine.close()
+
+
+def test_a_failing_prompt_fails_alone_and_position_limit_ends_with_length():
+    """GPT-2's learned position table is an ``IndexError`` past ``n_positions``: a too-long
+    prompt prefilled with others fails alone; a generation reaching the limit stops there."""
+    model, tok = _gpt2(n_positions=64)
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        good = [Recorder() for _ in range(2)]
+        bad = Recorder()
+        with engine.lock:
+            engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=8), None, good[0])
+            engine.submit("word " * 80, SamplingParams(max_new_tokens=8), None, bad)
+            engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=8), None, good[1])
+        with pytest.raises(IndexError):
+            bad.result()
+        for i, rec in enumerate(good):
+            assert rec.result().token_ids == reference(model, tok, PROMPTS[i], 8)[:8]
+        long = wait_result(engine, PROMPTS[0], SamplingParams(max_new_tokens=200))
+        n = len(tok(PROMPTS[0], add_special_tokens=False)["input_ids"])
+        # the k-th new token sits at position n + k - 1; position 63 is the last there is
+        assert n + long.completion_tokens <= 64 + 1
+        assert long.finish_reason == "stop" or n + long.completion_tokens == 64 + 1
+    finally:
+        engine.close()
