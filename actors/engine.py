@@ -368,6 +368,7 @@ class ContinuousBatchingEngine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
         cache = DynamicCache()
+        self.prefill_sizes[len(seqs)] += 1  # attempts: a failed prefill counts too
         logits = self._forward(
             seqs,
             input_ids=input_ids,
@@ -375,7 +376,6 @@ class ContinuousBatchingEngine:
             position_ids=positions,
             **{self._cache_arg: cache},
         )
-        self.prefill_sizes[len(seqs)] += 1
         for seq in seqs:
             seq.position = len(seq.prompt_ids) - 1  # the last prompt token's; _advance moves on
         self._join(cache, mask)

@@ -2,8 +2,9 @@
 deployment vs the same deployment without batching vs a plain FastAPI + uvicorn server around a
 `transformers` pipeline, for the MiniLM sentiment classifier: requests/s and p50/p99 latency at
 a closed-loop concurrency of 1, 8 and 32 over HTTP on loopback. Generator: a tiny causal LM
-streamed over server-sent events from ``/v1/completions`` vs ``model.generate`` in-process:
-time to first token and tokens/s at a concurrency of 1 and 4.
+streamed over server-sent events from ``/v1/completions`` (continuous batching) vs
+``model.generate`` in-process: time to first token and tokens/s at a concurrency of 1, 4, 8 and
+16, and a mixed load (streamed and not, two LoRA adapters, two lengths) at 16.
 
     flock /tmp/taskray-ray.lock python benchmarks/serve_throughput.py          # a few minutes
     flock /tmp/taskray-ray.lock python benchmarks/serve_throughput.py --smoke  # what CI runs
@@ -62,43 +63,54 @@ Generator
 ---------
 The model: ``tiny:llama`` (``actors.tiny``: 2 layers, hidden size 64, a 600-token byte-level
 BPE) with random weights (seed 0), saved with its tokenizer as a plain HF model directory in a
-temporary directory. For these prompts the random weights do not emit EOS within 64 tokens,
-so every request generates exactly ``--max-tokens`` tokens (the JSON's finish reasons and
-``usage_check.generated_tokens`` show it; nothing relies on it). A token costs the model about
-1-2 ms on one thread, so the figures magnify the per-token cost of serving; a real model
-spends far more per token in the forward pass and the relative overhead shrinks accordingly.
+temporary directory, and two LoRA adapters over it (r=4 on q/v, random non-zero weights, so
+each changes the text). For these prompts the random weights rarely emit EOS, so most requests
+generate their full ``max_tokens`` (the JSON's finish reasons show it; nothing relies on it).
+A token costs the model about 1-2 ms on one thread, so the figures magnify the per-token cost
+of serving; a real model spends far more per token in the forward pass and the relative
+overhead shrinks accordingly.
 
-- Serve: the ``writer`` generator of ``configs/serve-llm.yaml`` (its ``num_cpus``, batching and
-  generation defaults; the other models, retrieval and autoscaling left out, one replica)
-  deployed the way ``taskray serve`` does (``cluster.serving``), API key auth on, in the
-  classifier section's Ray cluster after its Serve instance and baseline server have stopped
-  (Serve starts anew, with only the generator app). Each request is ``POST
-  /v1/completions`` with ``stream: true``, ``temperature: 0`` and ``max_tokens``; the client
-  reads the SSE lines as they arrive. TTFT = from sending the request to the first ``data:``
-  chunk with non-empty text. Streamed tokens/s (``decode``) per request = tokens generated
-  between the first and the last non-empty chunk ÷ the time between them; aggregate tokens/s
-  = all tokens ÷ the wall time of the closed loop (1 or 4 clients).
-- In-process: the same weights loaded in this process with the replica's torch thread count
-  (``serve.config.replica_threads`` of the model's ``num_cpus``), one prompt at a time, greedy,
-  same ``max_new_tokens``: ``generate`` feeding a ``TextIteratorStreamer`` in a thread (TTFT =
-  from tokenising to the first non-empty text piece; decode rate as above), plain ``generate``
-  (tokens/s), and the prompts four at a time in one left-padded ``generate`` (``batch4``: the
-  aggregate that batching could reach; Serve does not batch streams). Measured while the Serve
-  app is up and idle, a few passes over the prompts before each Serve cell and pooled, so that
-  both share the cores with an idle Ray cluster, and with drifting load from other work, alike.
+- Serve: the ``writer`` generator of ``configs/serve-llm.yaml`` (its ``num_cpus``,
+  ``scheduler`` and generation defaults; the other models, retrieval and autoscaling left out,
+  one replica) with the two adapters, deployed the way ``taskray serve`` does
+  (``cluster.serving``), API key auth on, after the classifier section's Serve instance has
+  stopped. Every request joins the replica's running batch (``actors.engine``). A streamed
+  request is ``POST /v1/completions`` with ``stream: true``, ``temperature: 0`` and
+  ``max_tokens``; the client reads the SSE lines as they arrive. TTFT = from sending the
+  request to the first ``data:`` chunk with non-empty text. Decode tokens/s per request =
+  tokens generated between the first and the last non-empty chunk ÷ the time between them;
+  aggregate tokens/s = all tokens ÷ the wall time of the closed loop (``c`` clients, each
+  sending its next request when the previous one is answered).
+- Mixed load (16 clients): every prompt through the base and each adapter, alternately
+  streamed and not, at ``max_tokens`` and at half of it. TTFT and decode rates are over its
+  streamed requests, the aggregate over all. Each text is checked against the in-process
+  greedy reference of its prompt, adapter and length.
+- In-process: the same weights (and adapters, through PEFT) loaded in this process with the
+  replica's torch thread count (``serve.config.replica_threads`` of the model's ``num_cpus``):
+  ``generate`` feeding a ``TextIteratorStreamer`` in a thread, one prompt at a time (TTFT =
+  from tokenising to the first non-empty text piece; decode rate as above), plain
+  ``generate`` one prompt at a time, and ``batch{c}``: ``c`` prompts in one left-padded
+  ``generate`` for each concurrency ``c`` > 1 — static batching's aggregate, the baseline of
+  the Serve figure at the same ``c``; and ``engine{c}``: taskray's continuous-batching engine
+  itself in this process with ``c`` closed-loop clients and no Serve (the scheduler's own
+  figure: what Serve's transport costs is the gap between it and Serve). Measured while the
+  Serve app is up and idle, a few
+  passes before each Serve cell and pooled, so that both share the cores with an idle Ray
+  cluster, and with drifting load from other work, alike.
 
 Token counts are not taken from the stream (its chunks carry text, not token counts): decoding
-is greedy, so every streamed text must equal the in-process reference's text for its prompt,
-whose token count (and the number of tokens generated when the first and the last non-empty
-piece appeared, recorded by a counting streamer) is then exact; a stream that differs is
-counted as a mismatch and its tokens re-counted by re-tokenising its text. Before measuring,
-one non-streamed request per prompt checks the text and ``usage.completion_tokens`` against
-the reference (``usage_check``). CPU time per token by process is recorded as for the
-classifier.
+is greedy, so every text must equal the in-process reference's text for its job, whose token
+count (and the number of tokens generated when the first and the last non-empty piece
+appeared, recorded by a counting streamer) is then exact; a text that differs is counted as a
+mismatch and its tokens re-counted by re-tokenising it. Before measuring, one non-streamed
+request per prompt checks the text and ``usage.completion_tokens`` against the reference
+(``usage_check``). CPU time per token by process is recorded as for the classifier.
 
-Ratios: Serve decode tokens/s ÷ in-process streamed decode tokens/s (per-request p50), Serve
-aggregate ÷ in-process plain ``generate``, Serve at 4 clients ÷ in-process ``batch4``, and the
-TTFT overhead (Serve − in-process, p50 and p99; at 4 clients it includes queueing).
+Ratios: Serve aggregate at ``c`` ÷ in-process ``batch{c}`` (target ≥ 0.7 at 4, 8 and 16),
+``engine{c}`` ÷ ``batch{c}``,
+TTFT p50 at 16 ÷ at 1 (target ≤ 4), the mixed load ÷ the plain streamed load at 16 (target
+within 20%), Serve decode tokens/s ÷ in-process streamed (per-request p50), and the TTFT
+overhead (Serve − in-process alone, p50 and p99; under load it includes queueing).
 
 Prints tables and writes benchmarks/results/serve_throughput[-smoke].{json,png} (the generator's
 figures under ``"generator"``, its chart in the bottom row). Every ratio is between figures
@@ -624,7 +636,9 @@ def serve_app(bundle: Path, tmp: Path, info: dict[str, Any]) -> Iterator[dict[st
 
 
 # ----- the generator: streamed tokens over SSE vs model.generate in-process ---------------------
-GEN_CONCURRENCY = (1, 4)
+GEN_CONCURRENCY = (1, 4, 8, 16)
+MIXED_CONCURRENCY = 16  # the mixed load (streamed and not, two adapters, two lengths)
+ADAPTERS = {"style-a": 1, "style-b": 2}  # LoRA adapters over the generator (name: seed)
 GEN_MAX_TOKENS = 64
 GEN_CONFIG = ROOT / "configs" / "serve-llm.yaml"
 PROMPTS = [
@@ -679,6 +693,42 @@ def build_tiny_lm(directory: Path) -> Path:
     return directory
 
 
+def build_adapters(model_dir: Path, tmp: Path) -> dict[str, str]:
+    """Random (non-zero) LoRA adapters over the tiny model, so each changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for name, seed in ADAPTERS.items():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                            init_lora_weights=False)  # fmt: skip
+        get_peft_model(model, config).save_pretrained(tmp / name)
+        paths[name] = str(tmp / name)
+    return paths
+
+
+def mixed_jobs(max_tokens: int) -> list[dict[str, Any]]:
+    """The mixed load, cycled by its clients: every prompt through the base model and each
+    adapter, half streamed and half not, at the full and at half the token budget."""
+    models = ["writer", *ADAPTERS]
+    jobs = []
+    for i, prompt in enumerate(PROMPTS):
+        for j, model in enumerate(models):
+            k = i * len(models) + j
+            tokens = max_tokens if k % 4 < 2 else max_tokens // 2
+            jobs.append({"prompt": prompt, "model": model, "max_tokens": tokens,
+                         "stream": k % 2 == 0})  # fmt: skip
+    return jobs
+
+
+def job_key(job: dict[str, Any]) -> tuple[str, str, int]:
+    """What a job's greedy reference text depends on."""
+    return job["prompt"], job["model"], job["max_tokens"]
+
+
 def pct(values: list[float], q: float, scale: float = 1.0) -> float | None:
     """The q-th percentile of values times scale, or None when there are none."""
     return float(np.percentile(np.array(values) * scale, q)) if values else None
@@ -708,56 +758,75 @@ def decode_rate(k_first: int, k_last: int, t_first: float, t_last: float) -> flo
 
 class InProcess:
     """The reference: the same weights in this process, greedy ``model.generate`` with
-    ``threads`` torch threads and ``max_tokens`` new tokens, one prompt at a time.
+    ``threads`` torch threads and ``max_tokens`` new tokens.
 
-    - streamed: ``generate`` in a thread feeding a ``TextIteratorStreamer`` (what the replica
-      does); TTFT = time from tokenising until the first non-empty text piece; the decode rate
-      counts the tokens generated between the first and the last non-empty piece.
-    - plain: ``generate`` without a streamer, tokens / wall time per call.
-    - batch: ``max(GEN_CONCURRENCY)`` prompts at a time in one left-padded ``generate``
-      (aggregate tokens/s: what batching could reach; Serve's streams are not batched).
+    - streamed: one prompt at a time, ``generate`` in a thread feeding a
+      ``TextIteratorStreamer``; TTFT = time from tokenising until the first non-empty text
+      piece; the decode rate counts the tokens generated between the first and the last
+      non-empty piece.
+    - plain: one prompt at a time, ``generate`` without a streamer, tokens / wall time.
+    - batch{n}: for each concurrency n > 1, n prompts (cycled) in one left-padded ``generate``:
+      the aggregate tokens/s of static batching at that batch size, what Serve's continuous
+      batching is measured against.
 
-    ``run`` adds passes over the prompts (called between the Serve cells, so that drifting
-    load on a shared machine hits both alike); ``summary`` pools them. ``reference`` holds, per
-    prompt, the continuation (text, tokens generated, tokens generated when the first and the
-    last non-empty piece appeared) that the Serve figures are checked and counted against:
-    decoding is greedy, so Serve must stream exactly this text."""
+    ``run`` adds passes (called between the Serve cells, so that drifting load on a shared
+    machine hits both alike); ``summary`` pools them. ``reference`` holds, per job key (prompt,
+    model or adapter, max tokens), the continuation (text, tokens generated, tokens generated
+    when the first and the last non-empty piece appeared) that the Serve figures are checked
+    and counted against: decoding is greedy, so Serve must send exactly this text."""
 
-    def __init__(self, model_dir: Path, prompts: list[str], threads: int, max_tokens: int):
+    def __init__(self, model_dir: Path, adapters: dict[str, str], jobs: list[dict[str, Any]],
+                 threads: int, max_tokens: int):  # fmt: skip
         import torch
+        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.prompts, self.threads = prompts, threads
+        self.prompts, self.threads, self.max_tokens = PROMPTS, threads, max_tokens
         self.tok = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
-        self.model.eval()
+
+        def load() -> Any:
+            return AutoModelForCausalLM.from_pretrained(str(model_dir), use_safetensors=True)
+
+        self.model = load().eval()
+        self.models = {"writer": self.model}
+        for name, path in adapters.items():
+            self.models[name] = PeftModel.from_pretrained(load(), path).eval()
         self.eos = self.tok.eos_token_id
-        self.gen_kwargs = {
+        self.streams: list[dict[str, Any]] = []
+        self.plains: list[tuple[int, float]] = []
+        self.widths = [c for c in GEN_CONCURRENCY if c > 1]
+        self.batches: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
+        self.engined: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
+        self.engine_mismatches = 0
+        self.reference: dict[tuple[str, str, int], dict[str, Any]] = {}
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            self._streamed(PROMPTS[0]), self._plain(PROMPTS[:1])  # warm-up
+            for prompt in PROMPTS:
+                self.reference[(prompt, "writer", max_tokens)] = self._streamed(prompt)
+            for job in jobs:
+                if job_key(job) not in self.reference:
+                    self.reference[job_key(job)] = self._streamed(
+                        job["prompt"], self.models[job["model"]], job["max_tokens"]
+                    )
+        finally:
+            torch.set_num_threads(previous)
+
+    def _kwargs(self, max_tokens: int) -> dict[str, Any]:
+        return {
             "max_new_tokens": max_tokens,
             "do_sample": False,
             "use_cache": True,
             "pad_token_id": self.tok.pad_token_id,
             "eos_token_id": self.eos,
         }
-        self.streams: list[dict[str, Any]] = []
-        self.plains: list[tuple[int, float]] = []
-        self.batches: list[tuple[int, float]] = []
-        self.reference: dict[str, dict[str, Any]] = {}
-        self.width = max(GEN_CONCURRENCY)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            self._streamed(prompts[0]), self._plain(prompts[:1])  # warm-up
-            for prompt in prompts:
-                self.reference[prompt] = self._streamed(prompt)
-        finally:
-            torch.set_num_threads(previous)
 
     def _new_ids(self, out: Any, prompt_len: int, row: int = 0) -> list[int]:
         ids = out[row, prompt_len:].tolist()
         return ids[: ids.index(self.eos) + 1] if self.eos in ids else ids
 
-    def _streamed(self, prompt: str) -> dict[str, Any]:
+    def _streamed(self, prompt: str, model: Any = None, max_tokens: int | None = None) -> dict:
         import threading
 
         import torch
@@ -779,6 +848,8 @@ class InProcess:
                 self.counts.append(self.tokens)  # before the consumer can see the piece
                 super().on_finalized_text(text, stream_end)
 
+        model = model if model is not None else self.model
+        kwargs = self._kwargs(max_tokens or self.max_tokens)
         t0 = time.perf_counter()
         enc = self.tok(prompt, return_tensors="pt", add_special_tokens=False)
         streamer = CountingStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
@@ -786,7 +857,7 @@ class InProcess:
 
         def run() -> None:
             with torch.inference_mode():
-                out["ids"] = self.model.generate(**enc, **self.gen_kwargs, streamer=streamer)
+                out["ids"] = model.generate(**enc, **kwargs, streamer=streamer)
 
         thread = threading.Thread(target=run)
         thread.start()
@@ -797,12 +868,9 @@ class InProcess:
         ids = self._new_ids(out["ids"], enc["input_ids"].shape[1])
         first, last = (shown[0], shown[-1]) if shown else ((t_end, 0), (t_end, 0))
         k_first, k_last = streamer.counts[first[1]], streamer.counts[last[1]]
-        pad = self.tok.pad_token_id
         return {
             "text": "".join(p for _, p in pieces),
             "n_tokens": len(ids),
-            # taskray's usage convention: generated pad tokens are not counted
-            "n_without_pad": sum(t != pad or t == self.eos for t in ids),
             "k_first": k_first,
             "k_last": k_last,
             "ttft_s": first[0] - t0,
@@ -817,13 +885,55 @@ class InProcess:
         self.tok.padding_side = "left"
         enc = self.tok(batch, return_tensors="pt", add_special_tokens=False, padding=True)
         with torch.inference_mode():
-            out = self.model.generate(**enc, **self.gen_kwargs)
+            out = self.model.generate(**enc, **self._kwargs(self.max_tokens))
         seconds = time.perf_counter() - t0
         width = enc["input_ids"].shape[1]
         return sum(len(self._new_ids(out, width, r)) for r in range(len(batch))), seconds
 
+    def _engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
+        """taskray's continuous-batching engine in this process, no Serve: ``width`` closed-loop
+        clients (each submits its next prompt when its previous one is done) → tokens, s."""
+        import threading
+
+        from actors.engine import ContinuousBatchingEngine
+        from actors.generation import SamplingParams
+
+        engine = ContinuousBatchingEngine(self.model, self.tok)
+        params = SamplingParams(max_new_tokens=self.max_tokens)
+        lock, finished = threading.Lock(), threading.Event()
+        state = {"issued": 0, "done": 0, "tokens": 0}
+
+        def submit() -> None:
+            prompt = self.prompts[state["issued"] % len(self.prompts)]
+            state["issued"] += 1
+            engine.submit(prompt, params, None, lambda k, p, q=prompt: on_event(k, p, q))
+
+        def on_event(kind: str, payload: Any, prompt: str) -> None:
+            if kind == "text":
+                return
+            with lock:
+                state["done"] += 1
+                if kind == "done":
+                    state["tokens"] += payload.completion_tokens
+                    ref = self.reference[(prompt, "writer", self.max_tokens)]["text"]
+                    self.engine_mismatches += payload.text != ref
+                if state["issued"] < n_requests:
+                    submit()
+                elif state["done"] == n_requests:
+                    finished.set()
+
+        t0 = time.perf_counter()
+        with lock:
+            for _ in range(width):
+                submit()
+        finished.wait(300)
+        seconds = time.perf_counter() - t0
+        engine.close()
+        return state["tokens"], seconds
+
     def run(self, passes: int) -> None:
-        """``passes`` times over the prompts: streamed, plain, and batched."""
+        """``passes`` times: each prompt streamed and plain, and one batch of each width (by
+        ``generate`` and by the engine)."""
         import torch
 
         previous = torch.get_num_threads()
@@ -832,10 +942,10 @@ class InProcess:
             for _ in range(passes):
                 self.streams += [self._streamed(p) for p in self.prompts]
                 self.plains += [self._plain([p]) for p in self.prompts]
-                self.batches += [
-                    self._plain(self.prompts[i : i + self.width])
-                    for i in range(0, len(self.prompts), self.width)
-                ]
+                for w in self.widths:
+                    rows = [self.prompts[i % len(self.prompts)] for i in range(w)]
+                    self.batches[w].append(self._plain(rows))
+                    self.engined[w].append(self._engine_loop(w, 2 * w))
         finally:
             torch.set_num_threads(previous)
 
@@ -849,7 +959,7 @@ class InProcess:
             tokens=tokens,
             aggregate_tok_s=tokens / sum(r["n_tokens"] / r["e2e_tok_s"] for r in runs),
         )
-        return {
+        out = {
             "threads": self.threads,
             "streamed": stream,
             "plain": {
@@ -857,18 +967,28 @@ class InProcess:
                 "tok_s_p50": pct([n / s for n, s in self.plains], 50),
                 "aggregate_tok_s": sum(n for n, _ in self.plains) / sum(s for _, s in self.plains),
             },
-            f"batch{self.width}": {
-                "calls": len(self.batches),
-                "aggregate_tok_s": sum(n for n, _ in self.batches)
-                / sum(s for _, s in self.batches),
-            },
         }
+        for w, calls in self.batches.items():
+            out[f"batch{w}"] = {
+                "calls": len(calls),
+                "aggregate_tok_s": sum(n for n, _ in calls) / sum(s for _, s in calls),
+            }
+        for w, loops in self.engined.items():
+            out[f"engine{w}"] = {
+                "loops": len(loops),
+                "aggregate_tok_s": sum(n for n, _ in loops) / sum(s for _, s in loops),
+                "text_mismatches": self.engine_mismatches,
+            }
+        return out
 
 
-def write_generator_config(tmp: Path, model_dir: Path, port: int) -> tuple[Path, dict[str, Any]]:
-    """``configs/serve-llm.yaml`` reduced to its generator (``writer``) and the ingress: this
-    model directory, an API key file, a free loopback port, and one replica (the file's
-    autoscaling would not add one below 8 ongoing requests anyway)."""
+def write_generator_config(
+    tmp: Path, model_dir: Path, adapters: dict[str, str], port: int
+) -> tuple[Path, dict[str, Any]]:
+    """``configs/serve-llm.yaml`` reduced to its generator (``writer``, with the benchmark's
+    LoRA adapters) and the ingress: this model directory, an API key file, a free loopback
+    port, and one replica (autoscaling would only add a replica competing for the same two
+    cores)."""
     import yaml
 
     cfg = yaml.safe_load(GEN_CONFIG.read_text())
@@ -880,7 +1000,7 @@ def write_generator_config(tmp: Path, model_dir: Path, port: int) -> tuple[Path,
     args.update(api_key_file=str(key_file), api_key_env=None)
     args.pop("retrieval", None)
     writer = generator_model()
-    writer.update(bundle=str(model_dir), device="cpu")
+    writer.update(bundle=str(model_dir), device="cpu", adapters=adapters)
     args["models"] = [writer]
     deployments = []
     for entry in app.get("deployments") or []:
@@ -896,14 +1016,16 @@ def write_generator_config(tmp: Path, model_dir: Path, port: int) -> tuple[Path,
 
 
 @contextmanager
-def generator_app(model_dir: Path, tmp: Path, info: dict[str, Any]) -> Iterator[str]:
+def generator_app(
+    model_dir: Path, adapters: dict[str, str], tmp: Path, info: dict[str, Any]
+) -> Iterator[str]:
     """Start Ray unless it runs (``ensure_ray``), deploy the generator as ``taskray serve``
     does, wait for ``/readyz``, yield the base URL; shut Serve down however the block ends."""
     from ray import serve
 
     info["ray_start_s"] = ensure_ray()
     try:
-        path, deployed = write_generator_config(tmp, model_dir, free_port())
+        path, deployed = write_generator_config(tmp, model_dir, adapters, free_port())
         _, url = deploy_and_wait(path, info)
         info["deployed"] = deployed
         yield url
@@ -913,7 +1035,8 @@ def generator_app(model_dir: Path, tmp: Path, info: dict[str, Any]) -> Iterator[
 
 @dataclass
 class GenCell:
-    """Streamed completions at one concurrency."""
+    """Completions at one concurrency: TTFT and decode rates of the streamed ones, tokens and
+    wall time of all of them."""
 
     concurrency: int
     seconds: float = 0.0
@@ -921,6 +1044,8 @@ class GenCell:
     decode_tok_s: list[float] = field(default_factory=list)
     e2e_tok_s: list[float] = field(default_factory=list)
     tokens: int = 0
+    ok: int = 0
+    streamed: int = 0
     finish: Counter[str] = field(default_factory=Counter)
     mismatches: int = 0
     errors: Counter[str] = field(default_factory=Counter)
@@ -928,10 +1053,10 @@ class GenCell:
     cpu_s: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        ok = len(self.ttft_s)
         return {
             "concurrency": self.concurrency,
-            "ok": ok,
+            "ok": self.ok,
+            "streamed": self.streamed,
             "errors": sum(self.errors.values()),
             "error_kinds": dict(self.errors),
             "error_samples": self.error_samples,
@@ -949,19 +1074,25 @@ class GenCell:
         }
 
 
-async def _stream_one(
-    client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int
-) -> dict[str, Any]:
-    """One ``stream: true`` completion: arrival times of the non-empty text chunks, the text,
-    the finish reason (raises on a non-200 answer or an in-band error)."""
+async def _stream_one(client: httpx.AsyncClient, url: str, job: dict[str, Any]) -> dict[str, Any]:
+    """One completion: with ``stream: true``, the arrival times of the non-empty text chunks;
+    otherwise one JSON answer. Raises on a non-200 answer or an in-band error."""
     body = {
-        "model": "writer",
-        "prompt": prompt,
-        "stream": True,
-        "max_tokens": max_tokens,
+        "model": job["model"],
+        "prompt": job["prompt"],
+        "stream": job["stream"],
+        "max_tokens": job["max_tokens"],
         "temperature": 0.0,
     }
     start = time.perf_counter()
+    if not job["stream"]:
+        response = await client.post(url, json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
+        choice = response.json()["choices"][0]
+        end = time.perf_counter()
+        return {"start": start, "end": end, "times": [], "text": choice["text"],
+                "finish": choice["finish_reason"]}  # fmt: skip
     times: list[float] = []
     text, finish, done = [], None, False
     async with client.stream("POST", url, json=body) as response:
@@ -993,38 +1124,41 @@ async def _gen_closed_loop(
     client: httpx.AsyncClient,
     url: str,
     cell: GenCell,
-    reference: dict[str, dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    reference: dict[tuple[str, str, int], dict[str, Any]],
     count_tokens: Callable[[str], int],
     n_requests: int,
     time_limit_s: float,
-    max_tokens: int,
     offset: int = 0,
 ) -> None:
-    prompts = list(reference)
     issued = 0
     deadline = time.perf_counter() + time_limit_s
 
     async def one_client() -> None:
         nonlocal issued
         while issued < n_requests and time.perf_counter() < deadline:
-            prompt = prompts[(offset + issued) % len(prompts)]
+            job = jobs[(offset + issued) % len(jobs)]
             issued += 1
             try:
-                r = await _stream_one(client, url, prompt, max_tokens)
+                r = await _stream_one(client, url, job)
             except (httpx.HTTPError, RuntimeError, ValueError, KeyError) as err:
                 kind = type(err).__name__
                 cell.errors[kind] += 1
                 cell.error_samples.setdefault(kind, str(err)[:300])
                 continue
-            ref = reference[prompt]
+            ref = reference[job_key(job)]
             if r["text"] == ref["text"]:
                 n, k_first, k_last = ref["n_tokens"], ref["k_first"], ref["k_last"]
             else:  # not the greedy text: count what came back by re-tokenising it
                 cell.mismatches += 1
                 n = count_tokens(r["text"])
                 k_first, k_last = 1, n
+            cell.ok += 1
             cell.tokens += n
             cell.finish[str(r["finish"])] += 1
+            if not job["stream"]:
+                continue
+            cell.streamed += 1
             times = r["times"] or [r["end"]]
             cell.ttft_s.append(times[0] - r["start"])
             cell.e2e_tok_s.append(n / (r["end"] - r["start"]))
@@ -1038,15 +1172,16 @@ async def _gen_closed_loop(
 
 
 async def _usage_check(
-    url: str, reference: dict[str, dict[str, Any]], max_tokens: int
+    url: str, reference: dict[tuple[str, str, int], dict[str, Any]], max_tokens: int
 ) -> dict[str, Any]:
     """Non-streamed completions of every prompt: the server's text and own token count
-    (``usage.completion_tokens``) against the in-process reference's text, tokens generated,
-    and tokens generated less generated pad tokens (which taskray's usage leaves out)."""
+    (``usage.completion_tokens``) against the in-process reference's text and tokens
+    generated."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     rows = []
     async with httpx.AsyncClient(timeout=60.0, headers=headers) as client:
-        for prompt, ref in reference.items():
+        for prompt in PROMPTS:
+            ref = reference[(prompt, "writer", max_tokens)]
             body = {
                 "model": "writer",
                 "prompt": prompt,
@@ -1061,73 +1196,86 @@ async def _usage_check(
     return {
         "texts_equal": all(r["text_equal"] for r in rows),
         "usage_equals_generated": all(r["usage"] == r["n_tokens"] for r in rows),
-        "usage_equals_generated_less_pad": all(r["usage"] == r["n_without_pad"] for r in rows),
         "completion_tokens": [r["usage"] for r in rows],
         "generated_tokens": [r["n_tokens"] for r in rows],
-        "generated_less_pad": [r["n_without_pad"] for r in rows],
     }
 
 
 async def _measure_stream(
     url: str,
     concurrency: int,
-    reference: dict[str, dict[str, Any]],
+    jobs: list[dict[str, Any]],
+    reference: dict[tuple[str, str, int], dict[str, Any]],
     count_tokens: Callable[[str], int],
     n_requests: int,
     time_limit_s: float,
     warmup: int,
-    max_tokens: int,
 ) -> GenCell:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(limits=limits, timeout=120.0, headers=headers) as client:
-        loop_args = (reference, count_tokens)
-        await _gen_closed_loop(
-            client, url, GenCell(concurrency), *loop_args, warmup, time_limit_s, max_tokens
-        )
+        loop_args = (jobs, reference, count_tokens)
+        await _gen_closed_loop(client, url, GenCell(concurrency), *loop_args, warmup, time_limit_s)
         cell = GenCell(concurrency)
         before = cpu_snapshot()
         await _gen_closed_loop(
-            client, url, cell, *loop_args, n_requests, time_limit_s, max_tokens, offset=warmup
+            client, url, cell, *loop_args, n_requests, time_limit_s, offset=warmup
         )
         after = cpu_snapshot()
         cell.cpu_s = {k: v - before[k] for k, v in after.items() if k in before}
     return cell
 
 
+def _print_cell(name: str, cell: GenCell) -> None:
+    cs = cell.summary()
+    errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
+    mismatches = f", {cs['text_mismatches']} text mismatches" if cs["text_mismatches"] else ""
+    print(
+        f"  serve {name} c={cell.concurrency}: TTFT p50 {cs['ttft_p50_ms'] or float('nan'):.1f}"
+        f" ms, {cs['aggregate_tok_s']:.0f} tok/s aggregate ({cs['ok']} in "
+        f"{cs['seconds']:.1f}s){errors}{mismatches}",
+        flush=True,
+    )
+
+
 def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
-    """The generator section: the tiny model deployed from configs/serve-llm.yaml and streamed
-    over HTTP at each of ``GEN_CONCURRENCY``, and in-process before each of those cells."""
+    """The generator section: the tiny model (and two LoRA adapters) deployed from
+    configs/serve-llm.yaml, streamed over HTTP at each of ``GEN_CONCURRENCY`` and under the
+    mixed load, with in-process passes before each of those cells."""
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     timings: dict[str, float] = {}
-    n_requests = {1: 8, 4: 12} if smoke else {1: 80, 4: 160}
-    time_limit_s = 8.0 if smoke else 45.0
+    per_client = 3 if smoke else 24  # requests per client in each measured cell
+    time_limit_s = 8.0 if smoke else 60.0
     passes = 1 if smoke else 3  # in-process passes over the prompts before each Serve cell
     cells: dict[int, GenCell] = {}
     serve_info: dict[str, Any] = {}
+    plain_jobs = [{"prompt": p, "model": "writer", "max_tokens": max_tokens, "stream": True}
+                  for p in PROMPTS]  # fmt: skip
+    mixed = mixed_jobs(max_tokens)
     with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
         model_dir = build_tiny_lm(tmp / "tiny-llama")
+        adapters = build_adapters(model_dir, tmp)
         timings["model_s"] = time.perf_counter() - t0
         tok = AutoTokenizer.from_pretrained(str(model_dir))
 
         def count_tokens(text: str) -> int:
             return len(tok(text, add_special_tokens=False)["input_ids"])
 
-        with generator_app(model_dir, tmp, serve_info) as url:
+        with generator_app(model_dir, adapters, tmp, serve_info) as url:
             endpoint = f"{url}/v1/completions"
             # In-process while the app is up and idle, a share of the passes before each Serve
             # cell: both share the cores with Ray, and with any drifting load, alike.
             t0 = time.perf_counter()
-            ref = InProcess(model_dir, PROMPTS, GEN_THREADS, max_tokens)
+            ref = InProcess(model_dir, adapters, mixed, GEN_THREADS, max_tokens)
             timings["inprocess_s"] = time.perf_counter() - t0
             reference = ref.reference
             usage = asyncio.run(_usage_check(endpoint, reference, max_tokens))
-            for c in GEN_CONCURRENCY:
+            for c in (*GEN_CONCURRENCY, "mixed"):
                 t0 = time.perf_counter()
                 ref.run(passes)
                 timings["inprocess_s"] += time.perf_counter() - t0
@@ -1137,58 +1285,45 @@ def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
                     f"{s['ttft_p50_ms']:.1f} ms, decode {s['decode_tok_s_p50']:.0f} tok/s",
                     flush=True,
                 )
-                cells[c] = asyncio.run(
+                width = MIXED_CONCURRENCY if c == "mixed" else c
+                cell = asyncio.run(
                     _measure_stream(
                         endpoint,
-                        c,
+                        width,
+                        mixed if c == "mixed" else plain_jobs,
                         reference,
                         count_tokens,
-                        n_requests[c],
+                        per_client * width,
                         time_limit_s,
-                        warmup_streams(c),
-                        max_tokens,
+                        warmup_streams(width),
                     )
                 )
-                cs = cells[c].summary()
-                errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
-                print(
-                    f"  serve stream c={c}: TTFT p50 {cs['ttft_p50_ms'] or float('nan'):.1f} ms, "
-                    f"{cs['aggregate_tok_s']:.0f} tok/s aggregate ({cs['ok']} in "
-                    f"{cs['seconds']:.1f}s){errors}",
-                    flush=True,
-                )
+                if c == "mixed":
+                    mixed_cell = cell
+                else:
+                    cells[c] = cell
+                _print_cell("mixed" if c == "mixed" else "stream", cell)
     timings.update({k: serve_info.pop(k) for k in ("ray_start_s", "serve_ready_s")})
     timings["total_s"] = time.perf_counter() - started
     inproc = {**ref.summary(), "passes_per_cell": passes}
     results = {c: cells[c].summary() for c in GEN_CONCURRENCY}
-    ratios: dict[str, float | None] = {}
-    stream, plain = inproc["streamed"], inproc["plain"]
-    batch = inproc[f"batch{max(GEN_CONCURRENCY)}"]
-    for c, r in results.items():
-        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
-            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
-        )
-        ratios[f"serve_vs_inprocess_aggregate_tok_s_c{c}"] = ratio(
-            r["aggregate_tok_s"], plain["aggregate_tok_s"]
-        )
-        for q in ("p50", "p99"):
-            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
-            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
-                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
-            )
-    top = max(GEN_CONCURRENCY)
-    ratios[f"serve_vs_inprocess_batch{top}_aggregate_tok_s_c{top}"] = ratio(
-        results[top]["aggregate_tok_s"], batch["aggregate_tok_s"]
-    )
+    mixed_result = {
+        **mixed_cell.summary(),
+        "jobs": len(mixed),
+        "models": ["writer", *ADAPTERS],
+        "max_tokens": sorted({j["max_tokens"] for j in mixed}),
+        "streamed_share": sum(j["stream"] for j in mixed) / len(mixed),
+    }
     return {
         "model": "tiny:llama config + tokenizer, random weights (seed 0), plain HF directory",
+        "engine": "continuous batching (actors.engine.ContinuousBatchingEngine)",
         "config": str(GEN_CONFIG.relative_to(ROOT)),
         "torch_threads": GEN_THREADS,
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "prompts": len(PROMPTS),
         "load": {
-            "n_requests": n_requests,
+            "requests_per_client": per_client,
             "time_limit_s": time_limit_s,
             "warmup": {c: warmup_streams(c) for c in GEN_CONCURRENCY},
         },
@@ -1196,7 +1331,8 @@ def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
         "usage_check": usage,
         "inprocess": inproc,
         "results": results,
-        "ratios": ratios,
+        "mixed": mixed_result,
+        "ratios": generator_ratios(results, mixed_result, inproc),
         "timings_s": timings,
         # 1/5/15-minute load averages: other work on a shared machine shows up here
         "load_average": {
@@ -1204,6 +1340,45 @@ def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
             "after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
     }
+
+
+def generator_ratios(
+    results: dict[int, Any], mixed: dict[str, Any], inproc: dict[str, Any]
+) -> dict[str, float | None]:
+    """Serve against in-process at each concurrency, TTFT growth, and the mixed load against
+    the plain streamed load at the same concurrency."""
+    ratios: dict[str, float | None] = {}
+    stream = inproc["streamed"]
+    for c, r in results.items():
+        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
+            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
+        )
+        if f"batch{c}" in inproc:
+            ratios[f"serve_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
+                r["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+            # the scheduler alone (no Serve) against static batching: what is left is transport
+            ratios[f"engine_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
+                inproc[f"engine{c}"]["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+        else:
+            ratios[f"serve_c{c}_vs_inprocess_generate_aggregate_tok_s"] = ratio(
+                r["aggregate_tok_s"], inproc["plain"]["aggregate_tok_s"]
+            )
+        for q in ("p50", "p99"):
+            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
+            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
+                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
+            )
+    top, one = max(results), min(results)
+    ratios[f"ttft_p50_c{top}_over_c{one}"] = ratio(
+        results[top]["ttft_p50_ms"], results[one]["ttft_p50_ms"]
+    )
+    same = results.get(MIXED_CONCURRENCY)
+    if same is not None:
+        for key in ("aggregate_tok_s", "ttft_p50_ms", "decode_tok_s_p50"):
+            ratios[f"mixed_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(mixed[key], same[key])
+    return ratios
 
 
 def warmup_streams(concurrency: int) -> int:
@@ -1279,51 +1454,45 @@ def _chart_classifier(report: dict[str, Any], left: Any, right: Any) -> None:
 def _chart_generator(gen: dict[str, Any], left: Any, right: Any) -> None:
     results = _by_concurrency(gen["results"])
     inproc = gen["inprocess"]
-    batch_key = next(k for k in inproc if k.startswith("batch"))
-    names = [f"Serve SSE\nc={c}" for c in sorted(results)] + [
-        "in-process\nstreamer",
-        "in-process\ngenerate",
-        f"in-process\n{batch_key}",
-    ]
-    decode = [results[c]["decode_tok_s_p50"] for c in sorted(results)]
-    decode += [inproc["streamed"]["decode_tok_s_p50"], None, None]
-    aggregate = [results[c]["aggregate_tok_s"] for c in sorted(results)]
-    aggregate += [
-        inproc["streamed"]["aggregate_tok_s"],
-        inproc["plain"]["aggregate_tok_s"],
-        inproc[batch_key]["aggregate_tok_s"],
-    ]
-    xs = np.arange(len(names))
-    nan = float("nan")
-    left.bar(
-        xs - 0.2,
-        [v if v is not None else nan for v in decode],
-        0.4,
-        color="#2a7",
-        label="per-request decode rate (p50)",
-    )
-    left.bar(xs + 0.2, aggregate, 0.4, color="#77a", label="aggregate (all clients)")
-    left.set_xticks(xs, names, fontsize=7)
-    left.set_ylabel("tokens / s")
-    left.legend(fontsize=7)
-    left.grid(alpha=0.3, axis="y")
+    xs = sorted(results)
+    static = [
+        inproc[f"batch{c}"]["aggregate_tok_s"] if f"batch{c}" in inproc
+        else inproc["plain"]["aggregate_tok_s"]
+        for c in xs
+    ]  # fmt: skip
+    left.plot(xs, [results[c]["aggregate_tok_s"] for c in xs], "o-", color="#2a7",
+              label="Serve, streamed (continuous batching)")  # fmt: skip
+    left.plot(xs, static, "s--", color="#999", label="in-process generate, batch of c")
+    engine = [inproc[f"engine{c}"]["aggregate_tok_s"] if f"engine{c}" in inproc else None
+              for c in xs]  # fmt: skip
+    if any(v is not None for v in engine):
+        left.plot([c for c, v in zip(xs, engine, strict=True) if v is not None],
+                  [v for v in engine if v is not None], "^:", color="#77a",
+                  label="in-process engine, c clients (no Serve)")  # fmt: skip
+    mixed = gen.get("mixed")
+    if mixed:
+        c = mixed["concurrency"]
+        left.plot([c], [mixed["aggregate_tok_s"]], "D", color="#c52",
+                  label="Serve, mixed load")  # fmt: skip
+        right.plot([c], [mixed["ttft_p50_ms"]], "D", color="#c52", label="mixed load p50")
+    right.plot(xs, [results[c]["ttft_p50_ms"] for c in xs], "o-", color="#2a7", label="p50")
+    right.plot(xs, [results[c]["ttft_p99_ms"] for c in xs], "o:", color="#2a7", label="p99")
+    right.axhline(inproc["streamed"]["ttft_p50_ms"], color="#999", ls="--",
+                  label="in-process streamer p50 (alone)")  # fmt: skip
+    for ax, label in ((left, "tokens / s (all clients)"), (right, "time to first token (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(c) for c in xs])
+        ax.set_xlabel("concurrent streams")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    right.set_yscale("log")
     left.set_title(
         f"tiny llama, {gen['max_tokens']} tokens/request, greedy, "
         f"{gen['torch_threads']} torch thread",
         fontsize=9,
         loc="left",
     )
-    tnames = names[: len(results) + 1]
-    p50 = [results[c]["ttft_p50_ms"] for c in sorted(results)] + [inproc["streamed"]["ttft_p50_ms"]]
-    p99 = [results[c]["ttft_p99_ms"] for c in sorted(results)] + [inproc["streamed"]["ttft_p99_ms"]]
-    txs = np.arange(len(tnames))
-    right.bar(txs - 0.2, [v if v is not None else nan for v in p50], 0.4, color="#2a7", label="p50")
-    right.bar(txs + 0.2, [v if v is not None else nan for v in p99], 0.4, color="#999", label="p99")
-    right.set_xticks(txs, tnames, fontsize=7)
-    right.set_yscale("log")
-    right.set_ylabel("time to first token (ms)")
-    right.legend(fontsize=7)
-    right.grid(alpha=0.3, axis="y")
 
 
 def main() -> None:
@@ -1519,10 +1688,10 @@ def print_table(report: dict[str, Any]) -> None:
 
 
 def print_generator_table(gen: dict[str, Any]) -> None:
-    """The generator figures: Serve streaming at each concurrency vs in-process generate."""
+    """The generator figures: Serve at each concurrency and under the mixed load vs
+    in-process generate."""
     results = _by_concurrency(gen["results"])
     inproc = gen["inprocess"]
-    batch_key = next(k for k in inproc if k.startswith("batch"))
 
     def fmt(value: float | None, digits: int = 1) -> str:
         return f"{value:.{digits}f}" if value is not None else "-"
@@ -1533,33 +1702,37 @@ def print_generator_table(gen: dict[str, Any]) -> None:
         "non-empty text piece"
     )
     print(
-        f"{'system':<22} {'conc':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'decode':>8} "
+        f"{'system':<24} {'conc':>4} {'TTFT p50':>9} {'TTFT p99':>9} {'decode':>8} "
         f"{'aggr.':>8} {'ok':>5} {'err':>4}"
     )
-    print(f"{'':<22} {'':>4} {'ms':>9} {'ms':>9} {'tok/s':>8} {'tok/s':>8}")
-    for c, r in sorted(results.items()):
+    print(f"{'':<24} {'':>4} {'ms':>9} {'ms':>9} {'tok/s':>8} {'tok/s':>8}")
+    rows = [("serve SSE", c, r) for c, r in sorted(results.items())]
+    if gen.get("mixed"):
+        rows.append(("serve mixed", gen["mixed"]["concurrency"], gen["mixed"]))
+    for name, c, r in rows:
         print(
-            f"{'serve SSE':<22} {c:>4} {fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} "
+            f"{name:<24} {c:>4} {fmt(r['ttft_p50_ms']):>9} {fmt(r['ttft_p99_ms']):>9} "
             f"{fmt(r['decode_tok_s_p50'], 0):>8} {fmt(r['aggregate_tok_s'], 0):>8} "
             f"{r['ok']:>5} {r['errors']:>4}"
         )
     s = inproc["streamed"]
     print(
-        f"{'in-process streamer':<22} {1:>4} {fmt(s['ttft_p50_ms']):>9} "
+        f"{'in-process streamer':<24} {1:>4} {fmt(s['ttft_p50_ms']):>9} "
         f"{fmt(s['ttft_p99_ms']):>9} {fmt(s['decode_tok_s_p50'], 0):>8} "
         f"{fmt(s['aggregate_tok_s'], 0):>8} {s['requests']:>5}"
     )
     plain = inproc["plain"]
     print(
-        f"{'in-process generate':<22} {1:>4} {'-':>9} {'-':>9} {fmt(plain['tok_s_p50'], 0):>8} "
+        f"{'in-process generate':<24} {1:>4} {'-':>9} {'-':>9} {fmt(plain['tok_s_p50'], 0):>8} "
         f"{fmt(plain['aggregate_tok_s'], 0):>8} {plain['requests']:>5}"
     )
-    batch = inproc[batch_key]
-    width = int(batch_key.removeprefix("batch"))
-    print(
-        f"{'in-process ' + batch_key:<22} {width:>4} {'-':>9} {'-':>9} {'-':>8} "
-        f"{fmt(batch['aggregate_tok_s'], 0):>8} {batch['calls']:>5}"
-    )
+    for width in sorted(int(k.removeprefix("batch")) for k in inproc if k.startswith("batch")):
+        for key, count in ((f"batch{width}", "calls"), (f"engine{width}", "loops")):
+            if key in inproc:
+                print(
+                    f"{'in-process ' + key:<24} {width:>4} {'-':>9} {'-':>9} {'-':>8} "
+                    f"{fmt(inproc[key]['aggregate_tok_s'], 0):>8} {inproc[key][count]:>5}"
+                )
     usage = gen["usage_check"]
     print(
         "non-streamed check: texts "
@@ -1567,16 +1740,11 @@ def print_generator_table(gen: dict[str, Any]) -> None:
         + " to greedy in-process; usage.completion_tokens "
         + ("equals" if usage["usage_equals_generated"] else "differs from")
         + f" tokens generated ({usage['completion_tokens']} vs {usage['generated_tokens']})"
-        + (
-            ": it leaves out generated pad tokens"
-            if not usage["usage_equals_generated"] and usage["usage_equals_generated_less_pad"]
-            else ""
-        )
     )
-    for c, r in sorted(results.items()):
+    for name, c, r in rows:
         extra = []
         if r["text_mismatches"]:
-            extra.append(f"{r['text_mismatches']} streamed texts differ from greedy in-process")
+            extra.append(f"{r['text_mismatches']} texts differ from greedy in-process")
         reasons = ", ".join(f"{k} {v}" for k, v in r["finish_reasons"].items())
         parts = ", ".join(
             f"{k} {v:.2f}"
@@ -1585,15 +1753,15 @@ def print_generator_table(gen: dict[str, Any]) -> None:
         )
         total = sum(r["cpu_ms_per_token"].values())
         print(
-            f"  c={c}: finish {reasons}; CPU ms per token {total:.2f}: {parts}"
+            f"  {name} c={c}: finish {reasons}; CPU ms per token {total:.2f}: {parts}"
             + (f"; {'; '.join(extra)}" if extra else "")
         )
     for name, value in gen["ratios"].items():
-        unit = " ms" if name.startswith("ttft") else "x"
+        unit = " ms" if "overhead" in name else "x"
         print(
-            f"{name:<44} {value:+.1f}{unit}"
+            f"{name:<48} {value:+.1f}{unit}"
             if unit == " ms" and value is not None
-            else f"{name:<44} {fmt(value, 2)}{unit}"
+            else f"{name:<48} {fmt(value, 2)}{unit}"
         )
     t = gen["timings_s"]
     print(

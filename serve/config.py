@@ -35,6 +35,13 @@ class SchedulerArgs(BaseModel):
     max_prefill_tokens: int = Field(
         default=4096, ge=1, description="prompt tokens prefilled per step (joins that wait)"
     )
+    stream_interval_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=2,
+        description="a stream sends its text at most this often (the first piece at once); "
+        "text decoded in between goes out joined. 0 = every piece as it is decoded",
+    )
 
 
 class ServedModel(BaseModel):

@@ -101,12 +101,13 @@ class GeneratorBase:
         self.loaded_adapters: list[str] = []
         self.batch_sizes: Counter[int] = Counter()
         self.defaults = self.spec.generation
+        self.stream_interval_s = self.spec.scheduler.stream_interval_s
         self.generate.set_max_batch_size(self.spec.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     @staticmethod
     def _limits(scheduler: dict[str, Any]) -> EngineLimits:
-        return EngineLimits(**scheduler)
+        return EngineLimits(**{k: v for k, v in scheduler.items() if k != "stream_interval_s"})
 
     # ----- adapters -------------------------------------------------------------------------
     def _load_adapter(self, name: str) -> None:
@@ -216,7 +217,9 @@ class GeneratorBase:
             from serve.config import SchedulerArgs
 
             merged = {**self.spec.scheduler.model_dump(), **user_config["scheduler"]}
-            self.engine.limits = self._limits(SchedulerArgs.model_validate(merged).model_dump())
+            checked = SchedulerArgs.model_validate(merged)
+            self.engine.limits = self._limits(checked.model_dump())
+            self.stream_interval_s = checked.stream_interval_s
 
     # ----- generation -----------------------------------------------------------------------
     def _submit(self, prompt: str, params: dict[str, Any], adapter: str | None, sink: Any) -> int:
@@ -293,7 +296,7 @@ class GeneratorBase:
             rid = self._submit(prompt, params, adapter, lambda k, p: queue.put_nowait((k, p)))
             try:
                 yield {"queued": rid}
-                async for item in _coalesced(queue):
+                async for item in _coalesced(queue, self.stream_interval_s):
                     yield item
             finally:
                 self.engine.cancel(rid)
@@ -338,16 +341,28 @@ class GeneratorBase:
         await task
 
 
-async def _coalesced(queue: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
-    """An engine request's events as stream items: text pieces waiting together joined into
-    one, then the completion (or its error raised)."""
+async def _coalesced(queue: asyncio.Queue, interval_s: float) -> AsyncIterator[dict[str, Any]]:
+    """An engine request's events as stream items, at most one text item per ``interval_s``:
+    the first piece goes out at once, later ones wait until the interval since the previous
+    item has passed and go out joined (every item costs a message through Ray to the ingress
+    and on to the proxy, which on a busy CPU costs more than the tokens themselves); the
+    completion (or its error) flushes at once."""
+    loop = asyncio.get_running_loop()
+    last = float("-inf")
     while True:
         events = [await queue.get()]
+        deadline = last + interval_s
+        while events[-1][0] == "text" and loop.time() < deadline:
+            try:
+                events.append(await asyncio.wait_for(queue.get(), deadline - loop.time()))
+            except TimeoutError:
+                break
         while not queue.empty():
             events.append(queue.get_nowait())
         text = "".join(p for k, p in events if k == "text")
         if text:
             yield {"text": text}
+            last = loop.time()
         for kind, payload in events:
             if kind == "error":
                 raise payload

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.config import AppArgs
+from serve.config import AppArgs, SchedulerArgs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("serve*.yaml"))
@@ -28,6 +28,10 @@ def test_example_serve_config_validates(path):
             name = deployment["name"]
             if name.startswith("generator-"):
                 assert name in generators, f"{name} names no served model"
+                # a hot scheduler change must be one the replica's reconfigure accepts
+                hot = (deployment.get("user_config") or {}).get("scheduler")
+                if hot is not None:
+                    SchedulerArgs.model_validate(hot)
 
 
 def test_bad_args_name_what_is_wrong():
@@ -43,6 +47,9 @@ def test_bad_args_name_what_is_wrong():
             {"models": [{"name": "a", "bundle": "x"}],
              "retrieval": {"rag": {"generator": "ghost"}}}
         )  # fmt: skip
+    with pytest.raises(ValidationError, match="max_queud"):
+        AppArgs.model_validate({"models": [{"name": "a", "bundle": "x",
+                                            "scheduler": {"max_queud": 3}}]})  # fmt: skip
     with pytest.raises(ValidationError, match="adapter name"):
         AppArgs.model_validate({"models": [{"name": "a", "bundle": "x",
                                             "adapters": {"../etc": "y"}}]})  # fmt: skip

@@ -5,7 +5,10 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "gen-key-0123456789"
 PROMPT = "Write a note about the train timetable."
 MAX_NEW = 12
+LONG = 1500  # new tokens of a request that runs for seconds (2048 positions)
 
 
 def _tiny_lm(directory: Path) -> Path:
@@ -74,7 +78,7 @@ def generator_app(ray_session, tmp_path_factory):
                 "import_path": "serve.app:build_app",
                 "args": {
                     "api_key_file": str(key_file),
-                    "limits": {"max_input_tokens": 200, "max_new_tokens": 32},
+                    "limits": {"max_input_tokens": 200, "max_new_tokens": LONG},
                     "models": [
                         {
                             "name": "tiny-lm",
@@ -84,7 +88,13 @@ def generator_app(ray_session, tmp_path_factory):
                             "max_batch_size": 8,
                             "batch_wait_timeout_s": 0.05,
                             "generation": {"max_new_tokens": MAX_NEW},
-                        }
+                        },
+                        {  # the same weights behind a one-slot, one-seat scheduler
+                            "name": "narrow-lm",
+                            "bundle": str(base),
+                            "generation": {"max_new_tokens": MAX_NEW},
+                            "scheduler": {"max_running": 1, "max_queued": 1},
+                        },
                     ],
                 },
             }
@@ -218,6 +228,94 @@ def test_stop_sequence_and_seeded_sampling(generator_app):
     assert _post(url, "/v1/completions", body).json()["choices"][0]["text"] == first
 
 
+def _engine(name: str) -> dict:
+    from ray import serve
+
+    handle = serve.get_deployment_handle(f"generator-{name}", app_name="taskray")
+    return handle.stats.remote().result(timeout_s=30)["engine"]
+
+
+def _wait_engine(name: str, done: Any, timeout_s: float = 30.0) -> dict:
+    """Poll the generator's engine figures until ``done(figures)`` or the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        figures = _engine(name)
+        if done(figures) or time.monotonic() > deadline:
+            return figures
+        time.sleep(0.05)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(generator_app):
+    url, _ = generator_app
+    before = _engine("tiny-lm")
+    body = {"model": "tiny-lm", "prompt": PROMPT, "stream": True, "max_tokens": LONG}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=headers,
+                      timeout=60) as response:  # fmt: skip
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert any('"text": "' in line and '"text": ""' not in line for line in lines)
+        # leaving the block closes the connection after the first text chunk
+    after = _wait_engine(
+        "tiny-lm",
+        lambda f: f["running"] == 0 and f.get("cancelled", 0) > before.get("cancelled", 0),
+    )
+    assert after["running"] == 0, after
+    # cancelled, not finished: it left the batch long before its 1500 tokens
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1, after
+    assert after.get("finished", 0) == before.get("finished", 0), after
+
+
+def test_full_queue_answers_503_with_retry_after(generator_app):
+    """``narrow-lm`` runs one sequence and queues one more: a third concurrent request is
+    refused with 503 + Retry-After (which ``Client`` retries) and the replica serves on."""
+    url, _ = generator_app
+    body = {"model": "narrow-lm", "prompt": PROMPT, "max_tokens": LONG}
+    with ThreadPoolExecutor(2) as pool:
+        long = [pool.submit(_post, url, "/v1/completions", body) for _ in range(2)]
+        figures = _wait_engine("narrow-lm", lambda f: f["running"] == 1 and f["waiting"] == 1)
+        assert figures["running"] == 1 and figures["waiting"] == 1, figures
+        refused = _post(url, "/v1/completions", {**body, "max_tokens": 4})
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["Retry-After"] == "1"
+        assert "max_queued=1" in refused.json()["error"]["message"]
+        streamed = _post(url, "/v1/completions", {**body, "max_tokens": 4, "stream": True})
+        assert streamed.status_code == 503  # refused before any event is sent
+        assert [f.result().status_code for f in long] == [200, 200]
+    ok = _post(url, "/v1/completions", {"model": "narrow-lm", "prompt": PROMPT})
+    assert ok.status_code == 200
+
+
+def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
+    """Base and two adapters, streamed and not, sent together so they share the running
+    batch: each text equals in-process ``generate`` with that adapter alone."""
+    url, base = generator_app
+    names = ["tiny-lm", "style-a", "style-b"]  # style-a and style-b: Serve holds two at most
+    jobs = [(n, stream) for n in names for stream in (False, True)]
+    for name in names[1:]:  # load both adapters before the burst
+        assert _post(url, "/v1/completions", {"model": name, "prompt": "hi"}).status_code == 200
+
+    def run(job: tuple[str, bool]) -> str:
+        name, stream = job
+        payload = {"model": name, "prompt": PROMPT, "stream": stream}
+        if not stream:
+            return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
+        with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"}) as response:  # fmt: skip
+            events = [e[6:] for e in response.iter_lines() if e.startswith("data: {")]
+        return "".join(json.loads(e)["choices"][0]["text"] for e in events)
+
+    before = _engine("tiny-lm")["decode_batch_sizes"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(run, jobs))
+    after = _engine("tiny-lm")["decode_batch_sizes"]
+    for (name, _), text in zip(jobs, texts, strict=True):
+        adapter = None if name == "tiny-lm" else str(base.parent / f"lora-{name[-1]}")
+        assert text == _reference(base, PROMPT, adapter), name
+    grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
+    assert max(grown) > 1, (before, after)  # they did share decode steps
+
+
 def test_generative_task_route(generator_app):
     url, base = generator_app
     r = _post(url, "/v1/tasks/generation", {"input": {"prompt": PROMPT}})
@@ -231,7 +329,7 @@ def test_generative_task_route(generator_app):
 @pytest.mark.parametrize(
     ("path", "body", "status", "fragment"),
     [
-        ("/v1/completions", {"model": "tiny-lm", "prompt": PROMPT, "max_tokens": 999}, 422,
+        ("/v1/completions", {"model": "tiny-lm", "prompt": PROMPT, "max_tokens": 9999}, 422,
          "limits.max_new_tokens"),
         ("/v1/completions", {"model": "tiny-lm", "prompt": "word " * 400}, 413,
          "limits.max_input_tokens"),
