@@ -292,11 +292,11 @@ class GeneratorBase:
         (a client that went away) frees the request's slot at the engine's next step."""
         adapter = await self._adapter_for_request()
         if self.engine is not None:
-            queue: asyncio.Queue = asyncio.Queue()
-            rid = self._submit(prompt, params, adapter, lambda k, p: queue.put_nowait((k, p)))
+            tokens = TokenStream(self.stream_interval_s)
+            rid = self._submit(prompt, params, adapter, tokens.sink)
             try:
                 yield {"queued": rid}
-                async for item in _coalesced(queue, self.stream_interval_s):
+                async for item in tokens.items():
                     yield item
             finally:
                 self.engine.cancel(rid)
@@ -341,34 +341,56 @@ class GeneratorBase:
         await task
 
 
-async def _coalesced(queue: asyncio.Queue, interval_s: float) -> AsyncIterator[dict[str, Any]]:
-    """An engine request's events as stream items, at most one text item per ``interval_s``:
-    the first piece goes out at once, later ones wait until the interval since the previous
-    item has passed and go out joined (every item costs a message through Ray to the ingress
-    and on to the proxy, which on a busy CPU costs more than the tokens themselves); the
-    completion (or its error) flushes at once."""
-    loop = asyncio.get_running_loop()
-    last = float("-inf")
-    while True:
-        events = [await queue.get()]
-        deadline = last + interval_s
-        while events[-1][0] == "text" and loop.time() < deadline:
-            try:
-                events.append(await asyncio.wait_for(queue.get(), deadline - loop.time()))
-            except TimeoutError:
-                break
-        while not queue.empty():
-            events.append(queue.get_nowait())
-        text = "".join(p for k, p in events if k == "text")
-        if text:
-            yield {"text": text}
-            last = loop.time()
-        for kind, payload in events:
-            if kind == "error":
-                raise payload
-            if kind == "done":
-                yield {"done": payload.__dict__}
-                return
+class TokenStream:
+    """One engine request's events, read as stream items at most one text item per
+    ``interval_s``: the first piece goes out at once; text decoded while the interval since the
+    previous item runs goes out joined when it ends (every item costs a message through Ray to
+    the ingress and on to the proxy, which on a busy CPU costs more than the tokens
+    themselves); the completion (or its error) goes out at once. ``sink`` runs on the event
+    loop (the engine's dispatcher) and wakes the reader only when there is something to send,
+    not at every decode step."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.interval_s = interval_s
+        self.events: list[tuple[str, Any]] = []
+        self.wake = asyncio.Event()
+        self.hold_until = float("-inf")
+        self.timer: asyncio.TimerHandle | None = None
+
+    def sink(self, kind: str, payload: Any) -> None:
+        """Engine events (on the loop)."""
+        self.events.append((kind, payload))
+        if kind != "text" or self.loop.time() >= self.hold_until:
+            self.wake.set()
+        elif self.timer is None:
+            self.timer = self.loop.call_at(self.hold_until, self._release)
+
+    def _release(self) -> None:
+        self.timer = None
+        if self.events:
+            self.wake.set()
+
+    async def items(self) -> AsyncIterator[dict[str, Any]]:
+        """``{"text": ...}`` items, then ``{"done": Completion fields}`` (or the error)."""
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                events, self.events = self.events, []
+                text = "".join(p for k, p in events if k == "text")
+                if text:
+                    yield {"text": text}
+                    self.hold_until = self.loop.time() + self.interval_s
+                for kind, payload in events:
+                    if kind == "error":
+                        raise payload
+                    if kind == "done":
+                        yield {"done": payload.__dict__}
+                        return
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
 
 
 def _forward(pieces: Any, loop: Any, queue: asyncio.Queue) -> Any:

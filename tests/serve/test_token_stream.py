@@ -1,0 +1,68 @@
+"""How a generator replica turns engine events into stream items (no Ray): the first piece at
+once, later pieces joined per interval, the completion and errors at once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from actors.generation import Completion
+from serve.generator import TokenStream
+
+DONE = Completion(text="abcdef", finish_reason="length", prompt_tokens=3, completion_tokens=6)
+
+
+async def _read(stream: TokenStream, feed: list[tuple[float, str, object]]) -> list:
+    """Feed ``(delay_s, kind, payload)`` events as the engine would, collect the items with
+    the time each arrived."""
+
+    async def produce() -> None:
+        for delay, kind, payload in feed:
+            await asyncio.sleep(delay)
+            stream.sink(kind, payload)
+
+    producer = asyncio.create_task(produce())
+    start, got = time.monotonic(), []
+    try:
+        async for item in stream.items():
+            got.append((time.monotonic() - start, item))
+    finally:
+        await producer
+    return got
+
+
+def test_first_piece_at_once_then_joined_per_interval_and_done_at_once():
+    async def main() -> list:
+        stream = TokenStream(interval_s=0.2)
+        feed = [(0.0, "text", "a"), *[(0.02, "text", c) for c in "bcdef"], (0.0, "done", DONE)]
+        return await _read(stream, feed)
+
+    got = asyncio.run(main())
+    texts = [item["text"] for _, item in got if "text" in item]
+    assert texts == ["a", "bcdef"]  # the five later pieces arrived within one interval
+    assert got[0][0] < 0.1  # the first piece did not wait
+    assert got[-1][1]["done"]["text"] == "abcdef"
+    assert got[-1][0] < 0.2  # the completion flushed what was held, without waiting
+
+
+def test_held_text_goes_out_when_the_interval_ends():
+    async def main() -> list:
+        stream = TokenStream(interval_s=0.1)
+        feed = [(0.0, "text", "a"), (0.01, "text", "b"), (0.3, "done", DONE)]
+        return await _read(stream, feed)
+
+    got = asyncio.run(main())
+    assert [item.get("text") for _, item in got[:2]] == ["a", "b"]
+    assert 0.08 < got[1][0] < 0.25  # "b" waited for the interval, not for the completion
+
+
+def test_zero_interval_sends_every_piece_and_errors_are_raised():
+    async def main() -> list:
+        stream = TokenStream(interval_s=0.0)
+        feed = [(0.0, "text", "a"), (0.01, "text", "b"), (0.01, "error", IndexError("boom"))]
+        return await _read(stream, feed)
+
+    with pytest.raises(IndexError, match="boom"):
+        asyncio.run(main())
