@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -54,9 +55,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from actors.bundle import BundleError
     from cluster.config import ConfigError
     from cluster.data import DataError
+    from cluster.runtime import ClusterUnavailable
+    from cluster.serving import DeployFailed
     from tasks import TaskError
 
-    return (UserError, ConfigError, DataError, TaskError, BundleError, FileNotFoundError)
+    return (UserError, ConfigError, DataError, TaskError, BundleError, FileNotFoundError,
+            ClusterUnavailable, DeployFailed)  # fmt: skip
 
 
 # ----- info ---------------------------------------------------------------------------------
@@ -184,11 +188,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ----- serve --------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Deploy a Serve config; foreground by default, ``--detach`` to return, ``--stop``."""
-    from cluster import serving
+    """Deploy a Serve config; foreground by default, ``--detach`` to return, ``--stop``.
+
+    In the foreground, SIGTERM and SIGINT drain: new requests get 503, the ones in flight get
+    ``--grace-period`` seconds to finish, then Serve and the local Ray instance shut down and
+    the command exits 0. A second signal exits at once.
+    """
+    from cluster import lifecycle, serving
 
     if args.stop:
-        if serving.stop_detached():
+        if serving.stop_detached(args.address):
             print("[taskray] Serve shut down on the running cluster")
             return 0
         raise UserError("no running Ray cluster found to stop Serve on")
@@ -202,11 +211,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from cluster.runtime import connect
 
         connect(args.address, args.num_cpus)
+    import ray
     from ray import serve
 
+    ready = False
     try:
         serving.deploy(config)
         seconds = serving.wait_ready(url, timeout_s=args.timeout)
+        ready = True
         print(
             f"[taskray] serving at {url} (ready in {seconds:.1f}s); OpenAPI at {url}/docs",
             flush=True,
@@ -214,15 +226,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.detach:
             print("[taskray] detached; stop with `taskray serve --stop`")
             return 0
-        print("[taskray] Ctrl-C to stop", flush=True)
+        print("[taskray] Ctrl-C or SIGTERM to stop", flush=True)
         while True:
             time.sleep(1)
-    except KeyboardInterrupt:
-        print("\n[taskray] shutting down", flush=True)
+    except KeyboardInterrupt:  # lifecycle.Terminated (SIGTERM) is one too
+        signal_name = "SIGTERM" if lifecycle.received() == signal.SIGTERM else "SIGINT"
+        print(f"\n[taskray] {signal_name}: shutting down", flush=True)
+        if ready:
+            left = serving.drain(args.grace_period)
+            print(
+                "[taskray] in-flight requests finished"
+                if not left
+                else f"[taskray] grace period over with {left} request(s) still in flight",
+                flush=True,
+            )
     finally:
-        # Foreground mode owns the app: take it down however the loop ends.
+        # Foreground mode owns the app and, without --address, the local Ray instance.
         if not args.detach:
             serve.shutdown()
+            ray.shutdown()
+            print("[taskray] stopped", flush=True)
     return 0
 
 
@@ -476,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="deploy a Serve config and wait until it is ready",
-        description="Deploys the Ray Serve config (foreground like `serve run`; Ctrl-C stops).",
+        description="Deploys the Ray Serve config (foreground like `serve run`; Ctrl-C or "
+        "SIGTERM drains in-flight requests and stops).",
     )
     p.add_argument("config", nargs="?", help="Serve config YAML (e.g. configs/serve.yaml)")
     p.add_argument("--port", type=int, help="HTTP port (overrides http_options.port)")
@@ -485,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="deploy onto a running cluster, return")
     p.add_argument("--stop", action="store_true", help="shut down a detached Serve app")
     p.add_argument("--timeout", type=float, default=300, help="seconds to wait for readiness")
+    p.add_argument(
+        "--grace-period",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds in-flight requests get to finish (default 30, as "
+        "Kubernetes' terminationGracePeriodSeconds)",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -535,9 +566,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from cluster import lifecycle
+
+    lifecycle.install()
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through lifecycle.Terminated
+        if lifecycle.received() == signal.SIGTERM:
+            print("taskray: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("taskray: interrupted", file=sys.stderr)
         return 130
     except _user_errors() as err:

@@ -15,6 +15,10 @@ from cluster.config import ConfigError, read_yaml
 APP_NAME = "taskray"
 
 
+class DeployFailed(RuntimeError):
+    """The application did not become ready: Serve reported it failed, or the wait ran out."""
+
+
 def load_serve_config(path: str, port: int | None = None) -> Any:
     """Read a Serve config file, make bundle paths absolute, validate with Serve's schema."""
     from pydantic import ValidationError
@@ -75,15 +79,37 @@ def base_url(config: Any) -> str:
     return f"http://{host}:{config.http_options.port}"
 
 
-def deploy(config: Any) -> None:
-    """Start Serve with the file's HTTP options and submit the applications (as `serve run`)."""
+def deploy(config: Any, timeout_s: float = 60.0, progress: Any = print) -> None:
+    """Start Serve with the file's HTTP options and submit the applications (as `serve run`).
+
+    A Serve instance that is still shutting down on this cluster (its controller answers, then
+    dies) is waited out for up to ``timeout_s``, then reported in one line.
+    """
+    from ray.exceptions import RayActorError
     from ray.serve._private import api as serve_api
 
-    client = serve_api.serve_start(
-        http_options=config.http_options.model_dump(),
-        proxy_location=config.proxy_location,
-    )
-    client.deploy_apps(config, _blocking=False)
+    from cluster.runtime import ClusterUnavailable
+
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        try:
+            client = serve_api.serve_start(
+                http_options=config.http_options.model_dump(),
+                proxy_location=config.proxy_location,
+            )
+            client.deploy_apps(config, _blocking=False)
+            return
+        except RayActorError:
+            if time.monotonic() > deadline:
+                raise ClusterUnavailable(
+                    f"a previous Serve instance on this cluster is still shutting down after "
+                    f"{timeout_s:.0f}s: wait for it, or stop it with `taskray serve --stop`"
+                ) from None
+            if not said:
+                progress("[taskray] a previous Serve instance is shutting down; waiting for it")
+                said = True
+            time.sleep(1.0)
 
 
 def wait_ready(url: str, timeout_s: float = 300.0, progress: Any = print) -> float:
@@ -101,33 +127,39 @@ def wait_ready(url: str, timeout_s: float = 300.0, progress: Any = print) -> flo
             pass
         status = serve.status()
         for name, app in status.applications.items():
-            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise RuntimeError(f"application '{name}' {app.status}: {app.message}")
             shown = str(getattr(app.status, "value", app.status))
+            if app.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                first = (str(app.message).strip().splitlines() or [""])[0]
+                raise DeployFailed(f"application '{name}' {shown}: {first} (the replica logs "
+                                   "under Ray's session directory have the details)")  # fmt: skip
             if shown != last:
                 last = shown
                 progress(f"[taskray] application '{name}': {shown}")
         time.sleep(0.5)
-    raise TimeoutError(f"{url}/readyz did not answer 200 within {timeout_s:.0f}s")
+    raise DeployFailed(
+        f"{url}/readyz did not answer 200 within {timeout_s:.0f}s (raise --timeout, or check "
+        "`serve status`)"
+    )
 
 
 def ensure_cluster(num_cpus: int | None) -> None:
     """Connect to a running local Ray cluster, starting a head node when none runs."""
-    import ray
+    from cluster.runtime import ClusterUnavailable, join
 
     try:
-        ray.init(address="auto", namespace="serve", log_to_driver=False)
+        join("auto", namespace="serve", log_to_driver=False)
         return
-    except (ConnectionError, RuntimeError):
-        pass
+    except ClusterUnavailable as err:
+        if err.timed_out:
+            raise
     cmd = ["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=_head_env())
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["unknown error"]
-        raise RuntimeError(f"could not start a local Ray head: {tail[0]}")
-    ray.init(address="auto", namespace="serve", log_to_driver=False)
+        raise ClusterUnavailable(f"could not start a local Ray head: {tail[0]}")
+    join("auto", namespace="serve", log_to_driver=False)
 
 
 def _head_env() -> dict[str, str]:
@@ -148,14 +180,63 @@ def _head_env() -> dict[str, str]:
     return env
 
 
-def stop_detached() -> bool:
-    """Remove the taskray application from the running cluster; False when none runs."""
-    import ray
+def stop_detached(address: str | None = None) -> bool:
+    """Shut Serve down on the running cluster (``address``, else ``RAY_ADDRESS``, else the local
+    one); False when no cluster runs there. Joining is bounded: a cluster that is dead or
+    going down is reported in one line (:class:`cluster.runtime.ClusterUnavailable`)."""
     from ray import serve
 
+    from cluster.runtime import ClusterUnavailable, join, ray_address
+
     try:
-        ray.init(address="auto", namespace="serve", log_to_driver=False)
-    except (ConnectionError, RuntimeError):
+        join(ray_address(address) or "auto", namespace="serve", log_to_driver=False)
+    except ClusterUnavailable as err:
+        if err.timed_out:
+            raise
         return False
     serve.shutdown()
     return True
+
+
+def drain(grace_s: float, progress: Any = print, poll_s: float = 0.5) -> int:
+    """Stop the ingress replicas taking new requests, then wait up to ``grace_s`` for the
+    HTTP requests in flight (streams until their last byte) to finish. Returns how many were
+    still in flight when the wait ended (0: all finished).
+
+    Serve's own shutdown kills the HTTP proxies at once, so this runs first. A handle call
+    reaches one replica of the deployment; the calls repeat until every running ingress
+    replica has answered (bounded), as Serve has no broadcast.
+    """
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(APP_NAME)
+        states = app.deployments["Ingress"].replica_states if app else {}
+        replicas = max(1, int(states.get("RUNNING", 0)))
+        handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+    except Exception as err:  # no app to drain (it failed, or never deployed)
+        progress(f"[taskray] nothing to drain ({type(err).__name__})")
+        return 0
+    deadline = time.monotonic() + grace_s
+    seen: dict[str, int] = {}
+    tries = 0
+    while len(seen) < replicas and tries < 8 * replicas and time.monotonic() < deadline:
+        tries += 1
+        try:
+            answer = handle.drain.remote().result(timeout_s=max(0.5, deadline - time.monotonic()))
+        except Exception:
+            continue  # a replica going away; the deadline bounds this
+        seen[answer["replica"]] = answer["in_flight"]
+    progress(
+        f"[taskray] draining: new requests get 503; {sum(seen.values())} in flight; waiting up "
+        f"to {grace_s:.0f}s"
+    )
+    while sum(seen.values()) and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        for _ in range(len(seen) if len(seen) == replicas else 2 * replicas):
+            try:
+                answer = handle.in_flight.remote().result(timeout_s=5)
+            except Exception:
+                continue
+            seen[answer["replica"]] = answer["in_flight"]
+    return sum(seen.values())

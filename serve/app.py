@@ -206,9 +206,33 @@ PUBLIC_PATHS = frozenset(
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
+class Draining:
+    """This replica's part in a graceful stop: whether it still takes new requests, and how
+    many HTTP requests (streams included, until their last byte) are in flight. One per
+    replica process; ``taskray serve`` sets it through ``Ingress.drain`` on SIGTERM, then waits
+    for ``in_flight`` to reach 0 before Serve is shut down (Serve kills its proxies at once)."""
+
+    draining: bool = False
+    in_flight: int = 0
+
+
+DRAINING = Draining()
+
+
+def _draining() -> Draining:
+    """The replica's one :class:`Draining`, looked up in the imported module: this class body
+    is defined inside ``build_ingress`` and so is pickled by value, global names included, and
+    a global read from it would be a copy the request guard never sees."""
+    from serve import app
+
+    return app.DRAINING
+
+
 class RequestGuard:
     """ASGI middleware in front of every route, before FastAPI reads or parses anything:
 
+    0. while the replica drains, every route but ``/healthz`` answers 503 with
+       ``Retry-After`` (``/readyz`` included, so load balancers stop sending traffic);
     1. the API key (when one is configured), so a request without it gets 401 whatever its
        body — it is never parsed or validated for a caller who may not use the API;
     2. ``limits.max_body_bytes`` counted on the bytes as they arrive, so a chunked body (no
@@ -229,6 +253,19 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if DRAINING.draining and scope["path"].rstrip("/").rsplit("/", 1)[-1] != "healthz":
+            response = error_response(503, "the server is shutting down; retry shortly",
+                                      "unavailable")  # fmt: skip
+            response.headers["Retry-After"] = "1"
+            await response(scope, receive, send)
+            return
+        DRAINING.in_flight += 1
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            DRAINING.in_flight -= 1
+
+    async def _guarded(self, scope: Any, receive: Any, send: Any) -> None:
         from starlette.datastructures import Headers
 
         headers = Headers(scope=scope)
@@ -636,6 +673,21 @@ def build_ingress(args: AppArgs) -> Any:
                     raise HTTPException(422, f"{name}: must not be empty")
                 rows.append(clean)
             return rows
+
+        # ----- lifecycle (handle calls from `taskray serve`, not HTTP routes) ---------------
+        async def drain(self) -> dict[str, Any]:
+            """Stop taking new HTTP requests on this replica; report what is still in flight."""
+            _draining().draining = True
+            return await self.in_flight()
+
+        async def in_flight(self) -> dict[str, Any]:
+            """This replica's id, whether it drains, and its HTTP requests in flight."""
+            state = _draining()
+            return {
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "draining": state.draining,
+                "in_flight": state.in_flight,
+            }
 
         # ----- health -----------------------------------------------------------------------
         @api.get("/healthz")
