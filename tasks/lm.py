@@ -27,11 +27,31 @@ def eos_token_id(tokenizer: Any) -> int:
 
 
 def bos_prefix(tokenizer: Any) -> list[int]:
-    """``[BOS]`` for tokenizers that prepend it (Llama-style), else nothing."""
+    """``[BOS]`` for tokenizers that prepend it (Llama-style), else nothing.
+
+    Asked of the tokenizer's behaviour, not only its ``add_bos_token`` flag: Llama 3 style
+    tokenizers add BOS through their post-processor with the flag unset.
+    """
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and getattr(tokenizer, "add_bos_token", False):
+    if bos is None:
+        return []
+    if getattr(tokenizer, "add_bos_token", False):
         return [int(bos)]
-    return []
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except Exception:  # a tokenizer that cannot say is taken not to add BOS
+        return []
+    return [int(bos)] if ids and ids[0] == bos else []
+
+
+def with_bos_text(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as a server should be given it: with the BOS token's text in front when
+    training puts ``[BOS]`` there. Servers tokenise prompts with ``add_special_tokens=False``
+    (chat templates carry their own BOS), and the BOS text becomes that one id again."""
+    if tokenizer is None or not bos_prefix(tokenizer):
+        return prompt
+    bos = tokenizer.bos_token
+    return prompt if prompt.startswith(bos) else bos + prompt
 
 
 def encode_prompt_completion(
@@ -162,8 +182,11 @@ class TextToTextTask(Task):
         )
 
     def generation_prompt(self, row: dict[str, Any], tokenizer: Any = None) -> str:
-        """What a model is given at inference (prompt or source, by formulation)."""
-        return self.source(row) if self.model_kind == "seq2seq_lm" else self.prompt(row)
+        """What a model is given at inference (prompt or source, by formulation); a causal
+        prompt starts with the BOS text when training puts ``[BOS]`` in front of it."""
+        if self.model_kind == "seq2seq_lm":
+            return self.source(row)
+        return with_bos_text(tokenizer, self.prompt(row))
 
     def decode(self, outputs: Any, rows: Sequence[dict[str, Any]] | None = None) -> list[dict]:
         """Generated texts (new tokens only, detokenised) → ``{"text"}``."""

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.base import RowError, Task
-from tasks.lm import encode_prompt_completion
+from tasks.lm import encode_prompt_completion, with_bos_text
 from tasks.metrics import retrieval_scores, squad_scores
 
 INSTRUCTION = (
@@ -142,7 +142,8 @@ class RagTask(Task):
         )
 
     def generation_prompt(self, row: dict[str, Any], tokenizer: Any = None) -> str:
-        """The prompt over the row's passages (gold + distractors) within the budget."""
+        """The prompt over the row's passages (gold + distractors) within the budget (with the
+        BOS text in front when training puts ``[BOS]`` there)."""
 
         def count(text: str) -> int:
             if tokenizer is None:
@@ -152,7 +153,7 @@ class RagTask(Task):
         prompt, _ = build_prompt(
             row["question"], self.context_passages(row), self.options.passage_budget, count
         )
-        return prompt
+        return with_bos_text(tokenizer, prompt)
 
     def decode(self, outputs: Any, rows: Sequence[dict[str, Any]] | None = None) -> list[dict]:
         """Generated text → ``{"answer", "citations"}``."""
