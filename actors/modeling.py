@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import torch
 
+from actors.backend import choose_attention, choose_dtype
 from actors.config import LoraOptions, ModelOptions
 
 log = logging.getLogger("taskray")
@@ -53,33 +53,6 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def choose_attention(requested: str = "auto") -> tuple[str, str]:
-    """The attention backend to use and why (transformers raises rather than fall back)."""
-    has_cuda = torch.cuda.is_available()
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    if requested == "auto":
-        if has_cuda and has_flash:
-            return "flash_attention_2", "CUDA and the flash_attn package are present"
-        missing = "no CUDA device" if not has_cuda else "flash_attn is not installed"
-        return "sdpa", f"{missing}, so PyTorch SDPA"
-    if requested == "flash_attention_2" and not (has_cuda and has_flash):
-        raise ValueError(
-            "attn_implementation=flash_attention_2 needs a CUDA GPU and the flash_attn package "
-            "(pip install 'taskray[gpu]'); use 'auto' to fall back to sdpa"
-        )
-    return requested, "requested in the config"
-
-
-def choose_dtype(requested: str = "auto", use_gpu: bool | None = None) -> torch.dtype:
-    """``auto`` → bf16 on CUDA devices that support it, fp32 otherwise."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    on_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
-    if on_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 @dataclass
 class BuiltModel:
     """A model with the choices made while building it (logged and stored in bundles)."""
@@ -118,6 +91,8 @@ def build_model(
         if tokenizer is None:
             raise ValueError("a vision_causal_lm needs the tokenizer to find its image token")
         model = build_vlm(options, tokenizer, image_token, attn, dtype, path)
+        if options.lora is not None:  # on the LM; tower and projector keep build_vlm's settings
+            model.lm = apply_lora(model.lm, "causal_lm", options.lora)
         return BuiltModel(model, attn, reason, dtype, path)
     kwargs: dict[str, Any] = {"trust_remote_code": options.trust_remote_code}
     if label_names is not None and kind in ("sequence_classification", "token_classification"):

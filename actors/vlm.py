@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from actors.backend import choose_attention
 from actors.config import ModelOptions, VisionOptions
+from actors.manifest import BundleError, check_safetensors_only, load_kwargs, read_manifest
 
 VLM_CONFIG = "vlm.json"
 VISION_WEIGHTS = "vision.safetensors"
@@ -232,10 +234,9 @@ def build_vlm(
     path: str,
 ) -> VisionLanguageModel:
     """The model a multimodal run trains: from a multimodal bundle (a later stage) or from a
-    timm tower + an LM, with the stage's parts frozen and LoRA applied to the LM if asked."""
+    timm tower + an LM, with the stage's parts frozen. ``actors.modeling.build_model`` (the one
+    caller) applies LoRA to the LM afterwards when the options ask for it."""
     import transformers
-
-    from actors.modeling import apply_lora
 
     vision = options.vision or VisionOptions()
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
@@ -272,8 +273,6 @@ def build_vlm(
     model.projector.requires_grad_(True)
     if options.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if options.lora is not None:
-        model.lm = apply_lora(model.lm, "causal_lm", options.lora)
     return model
 
 
@@ -313,19 +312,9 @@ def _load_model(
     import transformers
     from safetensors.torch import load_file
 
-    from actors.bundle import BundleError
-
     spec = json.loads((path / VLM_CONFIG).read_text())
     tower = create_vision_tower(spec["timm_name"], spec.get("timm_kwargs"))
-    # trust_remote_code=False, not the default None (which asks on a terminal and runs the
-    # directory's own code on "y"): a bundle never runs code of its own.
-    kwargs: dict[str, Any] = {
-        "use_safetensors": True,
-        "attn_implementation": attn,
-        "trust_remote_code": False,
-    }
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    kwargs = load_kwargs(attn, dtype)  # safetensors only, never the directory's own code
     lm = transformers.AutoModelForCausalLM.from_pretrained(str(path / LM_DIR), **kwargs)
     model = VisionLanguageModel(tower, lm, spec, image_token_id)
     if dtype is not None:
@@ -360,8 +349,6 @@ def load_vlm(
     """Load a multimodal bundle for inference (eval mode, safetensors only, no remote code)."""
     import transformers
 
-    from actors.bundle import BundleError, check_safetensors_only, read_manifest
-    from actors.modeling import choose_attention
     from tasks import task_from_spec
 
     path = Path(directory).expanduser().resolve()

@@ -14,9 +14,9 @@ The application, built in a temporary directory and deployed as ``taskray serve`
 (``cluster.serving``), API key auth on:
 
 - ``sentiment``: a classification bundle of the pretrained all-MiniLM-L6-v2 encoder with a
-  random two-label head (``serve_throughput.build_untrained_bundle``: latency and memory do not
-  depend on the weights), one replica;
-- ``lm``: ``tiny:llama`` with random weights (``serve_throughput.build_tiny_lm``), greedy,
+  random two-label head (``serve_bench.classifier.build_untrained_bundle``: latency and memory
+  do not depend on the weights), one replica;
+- ``lm``: ``tiny:llama`` with random weights (``serve_bench.generator.build_tiny_lm``), greedy,
   ``--max-tokens`` new tokens per request (default 16), one replica;
 - a retriever over a local Qdrant folder holding the fixture corpus (218 documents, ~223
   chunks, all-MiniLM-L6-v2) and a RAG pipeline answering with ``lm``.
@@ -62,7 +62,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval import corpus_documents  # noqa: E402  (benchmarks/retrieval.py)
-from serve_throughput import REVIEWS, build_tiny_lm, build_untrained_bundle  # noqa: E402
+from serve_bench.classifier import build_untrained_bundle  # noqa: E402  (benchmarks/serve_bench)
+from serve_bench.generator import build_tiny_lm  # noqa: E402
+from serve_bench.workload import REVIEWS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUESTIONS = ROOT / "data" / "fixtures" / "retrieval_questions.jsonl"

@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from cluster.cli import UserError
+from cluster.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -367,11 +367,11 @@ def _split_submit_args(args: argparse.Namespace) -> list[str]:
     return rest
 
 
-def _local_command_args(command: str, rest: list[str]) -> argparse.Namespace:
-    """Parse COMMAND's arguments with this checkout's parser, so mistakes fail before upload."""
-    from cluster.cli import build_parser
-
-    parser = build_parser()
+def _local_command_args(
+    parser: argparse.ArgumentParser, command: str, rest: list[str]
+) -> argparse.Namespace:
+    """Parse COMMAND's arguments with this checkout's parser (the ``taskray`` parser that
+    ``register`` was given), so mistakes fail before upload."""
     known = {
         name
         for action in parser._subparsers._group_actions  # argparse keeps subparsers here
@@ -423,7 +423,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """Submit ``taskray COMMAND ...`` as a Ray job with the checkout as its working dir."""
     rest = _split_submit_args(args)
     command = args.command_name
-    ns = _local_command_args(command, rest)
+    ns = _local_command_args(args.cli_parser, command, rest)
     working_dir = Path(args.working_dir or PROJECT_ROOT).expanduser().resolve()
     if command in ("train", "index") and getattr(ns, "config", None):
         config = Path(ns.config)
@@ -595,8 +595,10 @@ def _job_dict(job: Any) -> dict[str, Any]:
 
 
 # ----- argparse -----------------------------------------------------------------------------
-def register(sub: Any) -> None:
-    """Add the ``submit`` and ``jobs`` commands to the CLI's subparsers."""
+def register(sub: Any, parser: argparse.ArgumentParser) -> None:
+    """Add the ``submit`` and ``jobs`` commands to the CLI's subparsers; ``parser`` (the whole
+    ``taskray`` parser, complete by the time a command runs) checks a submitted command's
+    arguments before anything is uploaded."""
     p = sub.add_parser(
         "submit",
         help="run a taskray command as a Ray job on a cluster",
@@ -617,7 +619,7 @@ def register(sub: Any) -> None:
         help="COMMAND's arguments, as for `taskray COMMAND` (paths relative to the checkout)",
     )
     _submit_options(p)
-    p.set_defaults(func=cmd_submit)
+    p.set_defaults(func=cmd_submit, cli_parser=parser)
 
     p = sub.add_parser(
         "jobs",

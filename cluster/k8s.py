@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from cluster.cli import UserError
+from cluster.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = PROJECT_ROOT / "k8s"

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from cluster.errors import UserError
+
 
 def _as_user_errors(fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
     @wraps(fn)
     def run(args: argparse.Namespace) -> int:
         from actors.embedder import EmbedderError
         from actors.vectorstore import StoreError
-        from cluster.cli import UserError
 
         try:
             return fn(args)

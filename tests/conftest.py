@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models built from configs, small datasets, one Ray instance."""
+"""Shared fixtures and helpers: tiny models built from configs, small datasets, the tiny-BERT
+training config, one Ray instance, and deploying a Serve application as ``taskray serve`` does."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import json
 import os
 import random
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,6 +76,114 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_bert_train_config(
+    tmp: Path,
+    tiny_bert: Path,
+    *,
+    training: dict[str, Any],
+    scaling: dict[str, Any],
+    train_rows: int | None = None,
+    val_rows: int | None = None,
+    **sections: Any,
+) -> dict[str, Any]:
+    """A training config (the dict a YAML file holds) for the tiny BERT, random-initialised, on
+    the keyword sentiment task (``max_length`` 24). With ``train_rows`` / ``val_rows`` it
+    writes ``tmp/train.jsonl`` (``keyword_rows`` seed 0) / ``tmp/val.jsonl`` (seed 1) and
+    points ``data`` at them; a ``data`` section given updates that. Other sections
+    (``output_dir``, default ``tmp/run``; ``ray``; ...) are added as given."""
+    data: dict[str, Any] = {}
+    if train_rows is not None:
+        data["train"] = str(write_jsonl(tmp / "train.jsonl", keyword_rows(train_rows, seed=0)))
+    if val_rows is not None:
+        data["validation"] = str(write_jsonl(tmp / "val.jsonl", keyword_rows(val_rows, seed=1)))
+    data.update(sections.pop("data", {}))
+    return {
+        "task": {"name": "classification", "max_length": 24},
+        "model": {"name_or_path": str(tiny_bert), "init": "random"},
+        "data": data,
+        "training": training,
+        "scaling": scaling,
+        "output_dir": str(tmp / "run"),
+        **sections,
+    }
+
+
+def tiny_lm_dir(directory: Path) -> Path:
+    """A plain HF model directory (no taskray manifest): ``tiny:llama``'s config with random
+    weights (seed 0) and its ChatML tokenizer, saved as safetensors."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    source = tiny_model_path("tiny:llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
+def lora_adapter(base: Path, directory: Path, seed: int) -> Path:
+    """A LoRA adapter over ``base`` with random (non-zero) weights, so each one changes the
+    output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(
+        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(model, config).save_pretrained(directory)
+    return directory
+
+
+def app_config(
+    args: dict[str, Any], *, name: str = "taskray", deployments: list | None = None
+) -> dict[str, Any]:
+    """A Serve config file's content: one taskray application (``serve.app:build_app`` with
+    ``args``) at ``/``, the proxy on the head only, HTTP on a free loopback port."""
+    app: dict[str, Any] = {
+        "name": name,
+        "route_prefix": "/",
+        "import_path": "serve.app:build_app",
+        "args": args,
+    }
+    if deployments is not None:
+        app["deployments"] = deployments
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": free_port()},
+        "applications": [app],
+    }
+
+
+@contextmanager
+def deployed_app(
+    config: dict[str, Any], tmp: Path, *, port: int | None = None, timeout_s: float = 240
+) -> Iterator[str]:
+    """Write ``config`` to ``tmp/serve.yaml``, deploy it as ``taskray serve`` does
+    (``cluster.serving``; ``port`` overrides the file's), wait until ``/readyz`` answers, and
+    yield the base URL. Afterwards Serve is shut down (not just the app): the next module
+    starts it on its own port."""
+    from ray import serve
+
+    from cluster import serving
+
+    path = tmp / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    loaded = serving.load_serve_config(str(path), port=port)
+    url = serving.base_url(loaded)
+    try:
+        serving.deploy(loaded)
+        serving.wait_ready(url, timeout_s=timeout_s, progress=lambda *_: None)
+        yield url
+    finally:
+        serve.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import free_port, keyword_rows, write_jsonl
+from tests.conftest import free_port, tiny_bert_train_config, tiny_lm_dir
 
 pytestmark = [pytest.mark.slow]
 
@@ -34,9 +34,7 @@ LONG = 1500  # tokens: a stream that lasts seconds on the tiny llama
 
 
 def _config(tmp: Path, port: int) -> Path:
-    from tests.serve.test_generate import _tiny_lm
-
-    bundle = _tiny_lm(tmp / "lm")
+    bundle = tiny_lm_dir(tmp / "lm")
     config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -240,17 +238,15 @@ def test_sigterm_during_training_exits_143_and_leaves_no_ray_processes(tmp_path,
                                                                        tiny_bert):  # fmt: skip
     """`taskray train` on its own local Ray, stopped by SIGTERM mid-run: one line, exit 143
     (128 + SIGTERM, as shells report it), and every process it started is gone."""
-    train = write_jsonl(tmp_path / "train.jsonl", keyword_rows(96, seed=0))
     run_dir = tmp_path / "run"
-    config = {
-        "task": {"name": "classification", "max_length": 24},
-        "model": {"name_or_path": str(tiny_bert), "init": "random"},
-        "data": {"train": str(train)},
-        "training": {"epochs": 50, "batch_size": 8, "lr": 5e-3, "log_every": 1},
-        "scaling": {"workers": 1},
-        "ray": {"num_cpus": 2},
-        "output_dir": str(run_dir),
-    }
+    config = tiny_bert_train_config(
+        tmp_path,
+        tiny_bert,
+        train_rows=96,
+        training={"epochs": 50, "batch_size": 8, "lr": 5e-3, "log_every": 1},
+        scaling={"workers": 1},
+        ray={"num_cpus": 2},
+    )
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": ray_tmp}

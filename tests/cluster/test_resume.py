@@ -17,21 +17,20 @@ import torch
 
 from cluster.config import TrainConfig
 from cluster.train import run_training
-from tests.conftest import keyword_rows, read_jsonl, write_jsonl
+from tests.conftest import read_jsonl, tiny_bert_train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _config(tmp: Path, tiny_bert: Path, name: str) -> TrainConfig:
-    train = write_jsonl(tmp / "train.jsonl", keyword_rows(384, seed=0))
-    val = write_jsonl(tmp / "val.jsonl", keyword_rows(32, seed=1))
+    # The tiny BERT has dropout, so an exact match also needs each rank's RNG restored.
     return TrainConfig.model_validate(
-        {
-            "task": {"name": "classification", "max_length": 24},
-            # The tiny BERT has dropout, so an exact match also needs each rank's RNG restored.
-            "model": {"name_or_path": str(tiny_bert), "init": "random"},
-            "data": {"train": str(train), "validation": str(val)},
-            "training": {
+        tiny_bert_train_config(
+            tmp,
+            tiny_bert,
+            train_rows=384,
+            val_rows=32,
+            training={
                 "epochs": 2,
                 "batch_size": 8,
                 "grad_accum": 2,
@@ -40,9 +39,9 @@ def _config(tmp: Path, tiny_bert: Path, name: str) -> TrainConfig:
                 "seed": 1,
                 "checkpoint_every": 3,
             },
-            "scaling": {"workers": 2, "max_failures": 1, "keep_checkpoints": 2},
-            "output_dir": str(tmp / name),
-        }
+            scaling={"workers": 2, "max_failures": 1, "keep_checkpoints": 2},
+            output_dir=str(tmp / name),
+        )
     )
 
 

@@ -13,20 +13,19 @@ from actors.config import ModelOptions
 from actors.modeling import build_model
 from cluster.config import TrainConfig
 from cluster.train import run_training
-from tests.conftest import keyword_rows, read_jsonl, write_jsonl
+from tests.conftest import read_jsonl, tiny_bert_train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _config(tmp_path: Path, tiny_bert: Path, **training) -> TrainConfig:
-    train = write_jsonl(tmp_path / "train.jsonl", keyword_rows(384, seed=0))
-    val = write_jsonl(tmp_path / "val.jsonl", keyword_rows(48, seed=1))
     return TrainConfig.model_validate(
-        {
-            "task": {"name": "classification", "max_length": 24},
-            "model": {"name_or_path": str(tiny_bert), "init": "random"},
-            "data": {"train": str(train), "validation": str(val)},
-            "training": {
+        tiny_bert_train_config(
+            tmp_path,
+            tiny_bert,
+            train_rows=384,
+            val_rows=48,
+            training={
                 "epochs": 3,
                 "batch_size": 16,
                 "lr": 5e-3,
@@ -35,9 +34,8 @@ def _config(tmp_path: Path, tiny_bert: Path, **training) -> TrainConfig:
                 "seed": 1,
                 **training,
             },
-            "scaling": {"workers": 2},
-            "output_dir": str(tmp_path / "run"),
-        }
+            scaling={"workers": 2},
+        )
     )
 
 

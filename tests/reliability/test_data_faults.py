@@ -11,7 +11,7 @@ import pytest
 from cluster.config import ConfigError, TrainConfig
 from cluster.data import resolve_paths
 from cluster.train import run_training
-from tests.conftest import keyword_rows, read_jsonl
+from tests.conftest import keyword_rows, read_jsonl, tiny_bert_train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -58,18 +58,13 @@ def test_faulty_rows_are_reported_and_every_valid_row_is_trained_on(
     b = _write(tmp_path / "b.jsonl", rows_b)
     val = _write(tmp_path / "val.jsonl", [json.dumps(r) for r in keyword_rows(16, seed=5)])
     cfg = TrainConfig.model_validate(
-        {
-            "task": {"name": "classification", "max_length": 24},
-            "model": {"name_or_path": str(tiny_bert), "init": "random"},
-            "data": {
-                "train": [str(a), str(b)],
-                "validation": str(val),
-                "max_rejected_fraction": 0.2,
-            },
-            "training": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1},
-            "scaling": {"workers": 2},
-            "output_dir": str(tmp_path / "run"),
-        }
+        tiny_bert_train_config(
+            tmp_path,
+            tiny_bert,
+            data={"train": [str(a), str(b)], "validation": str(val), "max_rejected_fraction": 0.2},
+            training={"epochs": 1, "batch_size": 16, "lr": 1e-3, "log_every": 1},
+            scaling={"workers": 2},
+        )
     )
     lines: list[str] = []
     outcome = run_training(cfg, progress=lines.append)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import keyword_rows, read_jsonl, write_jsonl
+from tests.conftest import read_jsonl, tiny_bert_train_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -51,14 +51,13 @@ def _train_workers_alive() -> bool:
 
 
 def test_killed_driver_rerun_resumes(ray_session, tmp_path, tiny_bert):
-    train = write_jsonl(tmp_path / "train.jsonl", keyword_rows(96, seed=0))
-    val = write_jsonl(tmp_path / "val.jsonl", keyword_rows(32, seed=1))
     run_dir = tmp_path / "run"
-    config = {
-        "task": {"name": "classification", "max_length": 24},
-        "model": {"name_or_path": str(tiny_bert), "init": "random"},
-        "data": {"train": str(train), "validation": str(val)},
-        "training": {
+    config = tiny_bert_train_config(
+        tmp_path,
+        tiny_bert,
+        train_rows=96,
+        val_rows=32,
+        training={
             "epochs": 2,
             "batch_size": 8,
             "grad_accum": 2,
@@ -66,10 +65,9 @@ def test_killed_driver_rerun_resumes(ray_session, tmp_path, tiny_bert):
             "log_every": 1,
             "checkpoint_every": 2,
         },
-        "scaling": {"workers": 1, "keep_checkpoints": 2},
-        "ray": {"address": ray_session.get_runtime_context().gcs_address},
-        "output_dir": str(run_dir),
-    }
+        scaling={"workers": 1, "keep_checkpoints": 2},
+        ray={"address": ray_session.get_runtime_context().gcs_address},
+    )
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "cluster.cli", "train", str(path)]

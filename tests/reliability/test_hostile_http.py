@@ -22,11 +22,10 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import free_port
+from tests.conftest import app_config, deployed_app, lora_adapter, tiny_lm_dir
 from tests.reliability.conftest import KEY_ENV
 
 pytestmark = pytest.mark.ray
@@ -56,14 +55,10 @@ def serve_replicas() -> set[str]:
 
 @pytest.fixture(scope="module")
 def app(ray_session, tiny_bundle, tmp_path_factory):
-    from ray import serve
-
     from actors.embedder import Embedder
     from actors.indexing import index_documents
     from actors.vectorstore import QdrantOptions, VectorStore
-    from cluster import serving
     from tests.actors.test_retrieval import corpus_documents
-    from tests.serve.test_generate import _adapter, _tiny_lm
     from tests.serve.test_rag import INJECTION
 
     tmp = tmp_path_factory.mktemp("reliability")
@@ -71,68 +66,51 @@ def app(ray_session, tiny_bundle, tmp_path_factory):
     with VectorStore.open(QdrantOptions(**qdrant)) as store:
         docs = [*corpus_documents()[:16], INJECTION]
         index_documents(docs, Embedder("all-MiniLM-L6-v2", "cpu"), store)
-    lm = _tiny_lm(tmp / "lm")
-    adapter = _adapter(lm, tmp / "lora", seed=1)
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [
+    lm = tiny_lm_dir(tmp / "lm")
+    adapter = lora_adapter(lm, tmp / "lora", seed=1)
+    args = {
+        "api_key_env": KEY_ENV,
+        "limits": {
+            "max_body_bytes": MAX_BODY,
+            "max_text_chars": 2000,
+            "max_batch_texts": 16,
+            "max_input_tokens": 400,
+            "max_new_tokens": 8,
+            "max_messages": 8,
+        },
+        "models": [
             {
-                "name": APP,
-                "route_prefix": "/",
-                "import_path": "serve.app:build_app",
-                "args": {
-                    "api_key_env": KEY_ENV,
-                    "limits": {
-                        "max_body_bytes": MAX_BODY,
-                        "max_text_chars": 2000,
-                        "max_batch_texts": 16,
-                        "max_input_tokens": 400,
-                        "max_new_tokens": 8,
-                        "max_messages": 8,
-                    },
-                    "models": [
-                        {
-                            "name": "sentiment",
-                            "bundle": str(tiny_bundle),
-                            "num_cpus": 0.25,
-                            "batch_wait_timeout_s": 0.0,
-                        },
-                        {
-                            "name": "lm",
-                            "bundle": str(lm),
-                            "also_serves": ["summarization"],
-                            "adapters": {"lm-style": str(adapter)},
-                            "max_adapters": 1,
-                            "num_cpus": 0.25,
-                            "batch_wait_timeout_s": 0.0,
-                            "generation": {"max_new_tokens": MAX_NEW},
-                        },
-                    ],
-                    "retrieval": {
-                        "qdrant": qdrant,
-                        "default_k": 3,
-                        "max_k": 5,
-                        "num_cpus": 0.25,
-                        "rag": {"generator": "lm", "passage_budget": 600, "num_cpus": 0.1},
-                    },
-                },
-            }
+                "name": "sentiment",
+                "bundle": str(tiny_bundle),
+                "num_cpus": 0.25,
+                "batch_wait_timeout_s": 0.0,
+            },
+            {
+                "name": "lm",
+                "bundle": str(lm),
+                "also_serves": ["summarization"],
+                "adapters": {"lm-style": str(adapter)},
+                "max_adapters": 1,
+                "num_cpus": 0.25,
+                "batch_wait_timeout_s": 0.0,
+                "generation": {"max_new_tokens": MAX_NEW},
+            },
         ],
+        "retrieval": {
+            "qdrant": qdrant,
+            "default_k": 3,
+            "max_k": 5,
+            "num_cpus": 0.25,
+            "rag": {"generator": "lm", "passage_budget": 600, "num_cpus": 0.1},
+        },
     }
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = serving.load_serve_config(str(path))
-    url = serving.base_url(loaded)
-    serving.deploy(loaded)
-    serving.wait_ready(url, timeout_s=240, progress=lambda *_: None)
-    replicas = serve_replicas()
-    assert len(replicas) == 5, replicas  # ingress, head, generator, retriever, rag
-    # The key reached the replicas through the nodes' environment (see conftest.py).
-    assert httpx.get(f"{url}/v1/models").status_code == 401, "no API key on the replicas"
-    with httpx.Client(base_url=url, timeout=60) as http:
-        yield type("App", (), {"url": url, "http": http, "replicas": replicas})
-    serve.shutdown()  # the next module starts Serve on its own port
+    with deployed_app(app_config(args, name=APP), tmp) as url:
+        replicas = serve_replicas()
+        assert len(replicas) == 5, replicas  # ingress, head, generator, retriever, rag
+        # The key reached the replicas through the nodes' environment (see conftest.py).
+        assert httpx.get(f"{url}/v1/models").status_code == 401, "no API key on the replicas"
+        with httpx.Client(base_url=url, timeout=60) as http:
+            yield type("App", (), {"url": url, "http": http, "replicas": replicas})
 
 
 def still_healthy(app: Any) -> None:

@@ -88,9 +88,9 @@ def test_weights_without_safetensors_are_refused_for_bundles_and_plain_directori
 
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
-    from tests.serve.test_generate import _tiny_lm
+    from tests.conftest import tiny_lm_dir
 
-    return _tiny_lm(tmp_path_factory.mktemp("lm"))
+    return tiny_lm_dir(tmp_path_factory.mktemp("lm"))
 
 
 def test_a_served_lora_adapter_with_pickle_weights_is_refused(tiny_lm, tmp_path):
@@ -98,9 +98,9 @@ def test_a_served_lora_adapter_with_pickle_weights_is_refused(tiny_lm, tmp_path)
 
     from actors.bundle import BundleError
     from serve.generator import generator_class
-    from tests.serve.test_generate import _adapter
+    from tests.conftest import lora_adapter
 
-    adapter = _adapter(tiny_lm, tmp_path / "lora", seed=1)
+    adapter = lora_adapter(tiny_lm, tmp_path / "lora", seed=1)
     from safetensors.torch import load_file
 
     state = load_file(adapter / "adapter_model.safetensors")

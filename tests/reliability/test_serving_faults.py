@@ -38,10 +38,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from serve.client import Client, TaskrayError
-from tests.conftest import free_port
+from tests.conftest import app_config, deployed_app
 from tests.conftest import tiny_gpt2 as conftest_gpt2
 
 pytestmark = pytest.mark.ray
@@ -162,60 +161,39 @@ def tiny_gpt2(directory: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def url(ray_session, tiny_bundle, tmp_path_factory):
-    from ray import serve
-
-    from cluster import serving
-
     tmp = tmp_path_factory.mktemp("serving-faults")
     lm = tiny_gpt2(tmp / "gpt2")
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [
+    args = {
+        "api_key_env": None,
+        # Looser than the GPT-2's context on purpose: the poison prompt passes.
+        "limits": {"max_input_tokens": 2000, "max_new_tokens": LONG},
+        "models": [
             {
-                "name": APP,
-                "route_prefix": "/",
-                "import_path": "serve.app:build_app",
-                "args": {
-                    "api_key_env": None,
-                    # Looser than the GPT-2's context on purpose: the poison prompt passes.
-                    "limits": {"max_input_tokens": 2000, "max_new_tokens": LONG},
-                    "models": [
-                        {
-                            "name": "sentiment",
-                            "bundle": str(tiny_bundle),
-                            "num_cpus": 0.25,
-                            # Requests wait up to 50 ms for company: each replica holds some
-                            # of the load's requests at any moment.
-                            "batch_wait_timeout_s": 0.05,
-                        },
-                        {
-                            "name": "lm",
-                            "bundle": str(lm),
-                            "num_cpus": 0.25,
-                            # Wide enough that requests sent together share a batch.
-                            "batch_wait_timeout_s": 0.1,
-                            "generation": {"max_new_tokens": 4},
-                        },
-                    ],
-                },
-                "deployments": [
-                    {"name": HEAD, "num_replicas": 2},
-                    {"name": GEN, "num_replicas": 1},
-                    {"name": "Ingress", "num_replicas": 1},
-                ],
-            }
+                "name": "sentiment",
+                "bundle": str(tiny_bundle),
+                "num_cpus": 0.25,
+                # Requests wait up to 50 ms for company: each replica holds some of the
+                # load's requests at any moment.
+                "batch_wait_timeout_s": 0.05,
+            },
+            {
+                "name": "lm",
+                "bundle": str(lm),
+                "num_cpus": 0.25,
+                # Wide enough that requests sent together share a batch.
+                "batch_wait_timeout_s": 0.1,
+                "generation": {"max_new_tokens": 4},
+            },
         ],
     }
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = serving.load_serve_config(str(path))
-    base = serving.base_url(loaded)
-    serving.deploy(loaded)
-    serving.wait_ready(base, timeout_s=240, progress=lambda *_: None)
-    assert len(replica_names(HEAD)) == 2 and len(replica_names(GEN)) == 1
-    yield base
-    serve.shutdown()  # the next module starts Serve on its own port
+    deployments = [
+        {"name": HEAD, "num_replicas": 2},
+        {"name": GEN, "num_replicas": 1},
+        {"name": "Ingress", "num_replicas": 1},
+    ]
+    with deployed_app(app_config(args, name=APP, deployments=deployments), tmp) as base:
+        assert len(replica_names(HEAD)) == 2 and len(replica_names(GEN)) == 1
+        yield base
 
 
 # ----- scenario 1: one of two head replicas killed under load -------------------------------

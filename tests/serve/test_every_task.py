@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoTokenizer
 
 from serve.client import AsyncClient, Client, TaskrayError
-from tests.conftest import free_port
+from tests.conftest import app_config, deployed_app, tiny_lm_dir
 
 pytestmark = pytest.mark.ray
 
@@ -41,24 +40,8 @@ def _head_bundle(tmp: Path, tiny_bert: Path, task_name: str, labels: list[str] |
     return str(path)
 
 
-def _lm_dir(path: Path) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from actors.tiny import tiny_model_path
-
-    source = tiny_model_path("tiny:llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(source).save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def url(ray_session, tmp_path_factory, tiny_bert, tiny_bundle):
-    from ray import serve
-
-    from cluster import serving
-
     tmp = tmp_path_factory.mktemp("every-task")
     small = {"num_cpus": 0.2, "batch_wait_timeout_s": 0.02}
     models = [
@@ -66,31 +49,15 @@ def url(ray_session, tmp_path_factory, tiny_bert, tiny_bundle):
         {"name": "nli", "bundle": _head_bundle(tmp, tiny_bert, "nli", NLI_LABELS), **small},
         {"name": "ner", "bundle": _head_bundle(tmp, tiny_bert, "ner", NER_LABELS), **small},
         {"name": "qa", "bundle": _head_bundle(tmp, tiny_bert, "extractive_qa", None), **small},
-        {"name": "lm", "bundle": _lm_dir(tmp / "lm"), "also_serves": GENERATIVE,
+        {"name": "lm", "bundle": str(tiny_lm_dir(tmp / "lm")), "also_serves": GENERATIVE,
          "generation": {"max_new_tokens": 6}, **small},
     ]  # fmt: skip
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [
-            {
-                "name": "taskray",
-                "route_prefix": "/",
-                "import_path": "serve.app:build_app",
-                "args": {"api_key_env": None, "models": models},
-                "deployments": [{"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}}],
-            }
-        ],
-    }
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = serving.load_serve_config(str(path))
-    base = serving.base_url(loaded)
-    serving.deploy(loaded)
-    serving.wait_ready(base, timeout_s=240, progress=lambda *_: None)
-    yield base
-    # Shut Serve down (not just the app): the next module starts it on its own port.
-    serve.shutdown()
+    config = app_config(
+        {"api_key_env": None, "models": models},
+        deployments=[{"name": "Ingress", "ray_actor_options": {"num_cpus": 0.1}}],
+    )
+    with deployed_app(config, tmp) as base:
+        yield base
 
 
 def test_encoder_heads_answer_in_their_shapes(url):

@@ -13,11 +13,10 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import free_port
+from tests.conftest import app_config, deployed_app, lora_adapter, tiny_lm_dir
 
 pytestmark = pytest.mark.ray
 
@@ -28,87 +27,37 @@ MAX_NEW = 12
 LONG = 1500  # new tokens of a request that runs for seconds (2048 positions)
 
 
-def _tiny_lm(directory: Path) -> Path:
-    """A plain HF model directory (no taskray manifest): tiny random llama + ChatML tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from actors.tiny import tiny_model_path
-
-    source = tiny_model_path("tiny:llama")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    model.save_pretrained(directory, safe_serialization=True)
-    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
-    return directory
-
-
-def _adapter(base: Path, directory: Path, seed: int) -> Path:
-    """A LoRA adapter with random (non-zero) weights, so each one changes the output."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(
-        r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
-    )
-    get_peft_model(model, config).save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def generator_app(ray_session, tmp_path_factory):
-    from ray import serve
-
-    from cluster import serving
-
     tmp = tmp_path_factory.mktemp("gen")
-    base = _tiny_lm(tmp / "base")
-    adapters = {f"style-{c}": str(_adapter(base, tmp / f"lora-{c}", seed)) for c, seed in
+    base = tiny_lm_dir(tmp / "base")
+    adapters = {f"style-{c}": str(lora_adapter(base, tmp / f"lora-{c}", seed)) for c, seed in
                 (("a", 1), ("b", 2), ("c", 3))}  # fmt: skip
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY)
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [
+    args = {
+        "api_key_file": str(key_file),
+        "limits": {"max_input_tokens": 200, "max_new_tokens": LONG},
+        "models": [
             {
-                "name": "taskray",
-                "route_prefix": "/",
-                "import_path": "serve.app:build_app",
-                "args": {
-                    "api_key_file": str(key_file),
-                    "limits": {"max_input_tokens": 200, "max_new_tokens": LONG},
-                    "models": [
-                        {
-                            "name": "tiny-lm",
-                            "bundle": str(base),
-                            "adapters": adapters,
-                            "max_adapters": 2,
-                            "max_batch_size": 8,
-                            "batch_wait_timeout_s": 0.05,
-                            "generation": {"max_new_tokens": MAX_NEW},
-                        },
-                        {  # the same weights behind a one-slot, one-seat scheduler
-                            "name": "narrow-lm",
-                            "bundle": str(base),
-                            "generation": {"max_new_tokens": MAX_NEW},
-                            "scheduler": {"max_running": 1, "max_queued": 1},
-                        },
-                    ],
-                },
-            }
+                "name": "tiny-lm",
+                "bundle": str(base),
+                "adapters": adapters,
+                "max_adapters": 2,
+                "max_batch_size": 8,
+                "batch_wait_timeout_s": 0.05,
+                "generation": {"max_new_tokens": MAX_NEW},
+            },
+            {  # the same weights behind a one-slot, one-seat scheduler
+                "name": "narrow-lm",
+                "bundle": str(base),
+                "generation": {"max_new_tokens": MAX_NEW},
+                "scheduler": {"max_running": 1, "max_queued": 1},
+            },
         ],
     }
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = serving.load_serve_config(str(path))
-    url = serving.base_url(loaded)
-    serving.deploy(loaded)
-    serving.wait_ready(url, timeout_s=180, progress=lambda *_: None)
-    yield url, base
-    # Shut Serve down (not just the app): the next module starts it on its own port.
-    serve.shutdown()
+    with deployed_app(app_config(args), tmp, timeout_s=180) as url:
+        yield url, base
 
 
 def _post(url: str, path: str, body: dict, key: str | None = API_KEY) -> httpx.Response:

@@ -15,12 +15,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 
 from tests.actors.test_retrieval import corpus_documents
-from tests.conftest import free_port, read_jsonl
+from tests.conftest import app_config, deployed_app, read_jsonl, tiny_lm_dir
 
 pytestmark = pytest.mark.ray
 
@@ -29,72 +27,40 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def url(ray_session, tmp_path_factory, tiny_vlm_bundle):
-    from ray import serve
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from actors.embedder import Embedder
     from actors.indexing import index_documents
-    from actors.tiny import tiny_model_path
     from actors.vectorstore import QdrantOptions, VectorStore
-    from cluster import serving
 
     tmp = tmp_path_factory.mktemp("retrieval-routes")
     qdrant = {"path": str(tmp / "qdrant"), "collection": "docs"}
     with VectorStore.open(QdrantOptions(**qdrant)) as store:
         index_documents(corpus_documents(), Embedder("all-MiniLM-L6-v2", "cpu"), store)
-    source = tiny_model_path("tiny:llama")
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(tmp / "lm")
-    AutoTokenizer.from_pretrained(source).save_pretrained(tmp / "lm")
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": free_port()},
-        "applications": [
+    args = {
+        "api_key_env": None,
+        "limits": {"max_image_bytes": 40_000, "max_image_pixels": 512 * 512},
+        "models": [
             {
-                "name": "taskray",
-                "route_prefix": "/",
-                "import_path": "serve.app:build_app",
-                "args": {
-                    "api_key_env": None,
-                    "limits": {"max_image_bytes": 40_000, "max_image_pixels": 512 * 512},
-                    "models": [
-                        {
-                            "name": "lm",
-                            "bundle": str(tmp / "lm"),
-                            "num_cpus": 0.25,
-                            "generation": {"max_new_tokens": 8},
-                        },
-                        {
-                            "name": "vlm",
-                            "bundle": str(tiny_vlm_bundle),
-                            "num_cpus": 0.25,
-                            "generation": {"max_new_tokens": 6},
-                        },
-                    ],
-                    "retrieval": {
-                        "qdrant": qdrant,
-                        "default_k": 3,
-                        "num_cpus": 0.25,
-                        "rag": {
-                            "generator": "lm",
-                            "vlm": "vlm",
-                            "passage_budget": 1500,
-                            "num_cpus": 0.1,
-                        },
-                    },
-                },
-            }
+                "name": "lm",
+                "bundle": str(tiny_lm_dir(tmp / "lm")),
+                "num_cpus": 0.25,
+                "generation": {"max_new_tokens": 8},
+            },
+            {
+                "name": "vlm",
+                "bundle": str(tiny_vlm_bundle),
+                "num_cpus": 0.25,
+                "generation": {"max_new_tokens": 6},
+            },
         ],
+        "retrieval": {
+            "qdrant": qdrant,
+            "default_k": 3,
+            "num_cpus": 0.25,
+            "rag": {"generator": "lm", "vlm": "vlm", "passage_budget": 1500, "num_cpus": 0.1},
+        },
     }
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-    loaded = serving.load_serve_config(str(path))
-    base = serving.base_url(loaded)
-    serving.deploy(loaded)
-    serving.wait_ready(base, timeout_s=240, progress=lambda *_: None)
-    yield base
-    # Shut Serve down (not just the app): the next module starts it on its own port.
-    serve.shutdown()
+    with deployed_app(app_config(args), tmp) as base:
+        yield base
 
 
 def test_retrieve_finds_the_relevant_document(url):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from serve.client import Client, TaskrayError
-from tests.conftest import free_port
+from tests.conftest import deployed_app, free_port
 
 pytestmark = pytest.mark.ray
 
@@ -22,10 +22,6 @@ MAX_TEXT = 500
 @pytest.fixture(scope="module")
 def served(ray_session, tiny_bundle, tmp_path_factory):
     """configs/serve.yaml with the tiny bundle, an API key file and a free port."""
-    from ray import serve
-
-    from cluster import serving
-
     tmp = tmp_path_factory.mktemp("serve")
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY + "\n")
@@ -36,15 +32,8 @@ def served(ray_session, tiny_bundle, tmp_path_factory):
     args["api_key_file"] = str(key_file)
     args["limits"]["max_text_chars"] = MAX_TEXT
     args["limits"]["max_body_bytes"] = 20_000
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    config = serving.load_serve_config(str(path), port=free_port())
-    url = serving.base_url(config)
-    serving.deploy(config)
-    serving.wait_ready(url, timeout_s=180, progress=lambda *_: None)
-    yield url
-    # Shut Serve down (not just the app): the next module starts it on its own port.
-    serve.shutdown()
+    with deployed_app(cfg, tmp, port=free_port(), timeout_s=180) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -1,0 +1,180 @@
+"""What both halves share: paths and the Ray set-up, Ray and Serve start-up as ``taskray serve``
+does it, the CPU accounting by process (``/proc``), and the statistics every figure goes
+through."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+ENTRY = ROOT / "benchmarks" / "serve_throughput.py"  # the CLI (also runs the baseline server)
+NUM_CPUS = 2
+API_KEY = "serve-throughput-benchmark-key"
+
+
+# ----- CPU accounting ---------------------------------------------------------------------------
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (all its threads), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def _deployment_names() -> list[str]:
+    """The running Serve deployments' names, longest first (empty when Ray is not up)."""
+    try:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return []
+        apps = serve.status().applications.values()
+        return sorted({d for app in apps for d in app.deployments}, key=len, reverse=True)
+    except Exception:  # accounting only: never fail a measurement over a label
+        return []
+
+
+def _deployment_label(tail: str, deployments: list[str]) -> str:
+    """A replica's deployment name from the end of its process title: Ray appends the method
+    it runs (or last ran), e.g. ``generator-writer.handle_request_with_rejection``, and a
+    label that changes between two snapshots would drop that process from the accounting."""
+    for name in deployments:
+        if tail == name or tail.startswith(name + "."):
+            return name
+    return tail
+
+
+def cpu_snapshot(extra: dict[int, str] | None = None) -> dict[str, float]:
+    """CPU seconds so far of the processes that serve requests, by role: the Serve proxy,
+    each Serve replica (``ServeReplica:<app>:<deployment>`` → the deployment's name), Ray's own
+    daemons, plus ``extra`` (pid → label) and this process (the load generator). Empty where
+    ``/proc`` does not exist."""
+    if not Path("/proc/self/stat").exists():
+        return {}
+    labels: dict[int, str] = {os.getpid(): "load_generator", **(extra or {})}
+    deployments = _deployment_names()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in labels:
+            continue
+        try:
+            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
+        except OSError:
+            continue
+        if argv0.startswith("ray::ServeReplica:"):
+            labels[int(entry.name)] = _deployment_label(argv0.rsplit(":", 1)[-1], deployments)
+        elif argv0.startswith("ray::ProxyActor"):
+            labels[int(entry.name)] = "serve_proxy"
+        elif argv0.startswith("ray::ServeController"):
+            labels[int(entry.name)] = "serve_controller"
+        elif argv0.endswith(("/gcs_server", "/raylet")):
+            labels[int(entry.name)] = "ray_daemons"
+    out: dict[str, float] = {}
+    for pid, label in labels.items():
+        seconds = process_cpu_s(pid)
+        if seconds is not None:
+            out[label] = out.get(label, 0.0) + seconds
+    return out
+
+
+# ----- Ray and Serve -----------------------------------------------------------------------------
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keyed_config(source: Path, tmp: Path, port: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A Serve config file of this checkout on loopback ``port``, its first application asking
+    for ``API_KEY`` (from a key file written to ``tmp``): (the config, that application)."""
+    import yaml
+
+    cfg = yaml.safe_load(source.read_text())
+    cfg["http_options"].update(host="127.0.0.1", port=port)
+    app = cfg["applications"][0]
+    key_file = tmp / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    app["args"].update(api_key_file=str(key_file), api_key_env=None)
+    return cfg, app
+
+
+def ensure_ray() -> float:
+    """Start this process's Ray cluster unless it runs already (the two sections share one,
+    each with Serve started and shut down anew); the seconds it took, 0.0 if it ran."""
+    import ray
+
+    if ray.is_initialized():
+        return 0.0
+    t0 = time.perf_counter()
+    ray.init(num_cpus=NUM_CPUS, include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - t0
+
+
+def deploy_and_wait(path: Path, info: dict[str, Any]) -> tuple[Any, str]:
+    """Deploy a Serve config file as ``taskray serve`` does and wait for ``/readyz``; records
+    ``info["serve_ready_s"]``. Returns the loaded config and the base URL."""
+    from cluster import serving
+
+    config = serving.load_serve_config(str(path))
+    url = serving.base_url(config)
+    t1 = time.perf_counter()
+    serving.deploy(config)
+    serving.wait_ready(url, timeout_s=300, progress=lambda *_: None)
+    info["serve_ready_s"] = time.perf_counter() - t1
+    return config, url
+
+
+def serve_throughput_mode() -> bool:
+    """Whether this run used Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` mode (inherited by the
+    local instance the benchmark starts)."""
+    return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0").lower() in ("1", "true")
+
+
+# ----- statistics --------------------------------------------------------------------------------
+def pct(values: list[float], q: float, scale: float = 1.0) -> float | None:
+    """The q-th percentile of values times scale, or None when there are none."""
+    return float(np.percentile(np.array(values) * scale, q)) if values else None
+
+
+def stream_figures(
+    ttft_s: list[float], decode_tok_s: list[float], e2e_tok_s: list[float]
+) -> dict[str, Any]:
+    """TTFT percentiles (ms) and per-request token rates of a set of streamed requests."""
+    return {
+        "ttft_p50_ms": pct(ttft_s, 50, 1000.0),
+        "ttft_p99_ms": pct(ttft_s, 99, 1000.0),
+        "ttft_mean_ms": float(np.mean(ttft_s) * 1000.0) if ttft_s else None,
+        "decode_tok_s_p50": pct(decode_tok_s, 50),
+        "decode_tok_s_mean": float(np.mean(decode_tok_s)) if decode_tok_s else None,
+        "e2e_tok_s_p50": pct(e2e_tok_s, 50),
+    }
+
+
+def decode_rate(k_first: int, k_last: int, t_first: float, t_last: float) -> float | None:
+    """Tokens generated between the first and the last text piece per second (None when the
+    request streamed a single piece)."""
+    return (
+        (k_last - k_first) / (t_last - t_first) if t_last > t_first and k_last > k_first else None
+    )
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    return a / b if a is not None and b else None
+
+
+def by_concurrency(by_c: dict[Any, Any]) -> dict[int, Any]:
+    """Concurrency-keyed figures with int keys (JSON turns them into strings)."""
+    return {int(c): v for c, v in by_c.items()}

@@ -1,0 +1,382 @@
+"""The generator half: a tiny causal LM streamed over SSE from ``/v1/completions`` (continuous
+batching) vs ``generate`` and taskray's engine in this process, and a mixed load.
+
+The model: ``tiny:llama`` (``actors.tiny``: 2 layers, hidden size 64, a 600-token byte-level
+BPE) with random weights (seed 0), saved with its tokenizer as a plain HF model directory in a
+temporary directory, and two LoRA adapters over it (r=4 on q/v, random non-zero weights, so
+each changes the text). For these prompts the random weights rarely emit EOS, so most requests
+generate their full ``max_tokens`` (the JSON's finish reasons show it; nothing relies on it).
+A token costs the model about 1-2 ms on one thread, so the figures magnify the per-token cost
+of serving; a real model spends far more per token in the forward pass and the relative
+overhead shrinks accordingly.
+
+- Serve: the ``writer`` generator of ``configs/serve-llm.yaml`` (its ``num_cpus``,
+  ``scheduler`` and generation defaults; the other models, retrieval and autoscaling left out,
+  one replica) with the two adapters, deployed the way ``taskray serve`` does
+  (``cluster.serving``), API key auth on, after the classifier section's Serve instance has
+  stopped. Every request joins the replica's running batch (``actors.engine``). A streamed
+  request is ``POST /v1/completions`` with ``stream: true``, ``temperature: 0`` and
+  ``max_tokens``; the client reads the SSE lines as they arrive. TTFT = from sending the
+  request to the first ``data:`` chunk with non-empty text. Decode tokens/s per request =
+  tokens generated between the first and the last non-empty chunk ÷ the time between them;
+  aggregate tokens/s = all tokens ÷ the wall time of the closed loop (``c`` clients, each
+  sending its next request when the previous one is answered).
+- Mixed load (16 clients): every prompt through the base and each adapter, alternately
+  streamed and not, at ``max_tokens`` and at half of it. TTFT and decode rates are over its
+  streamed requests, the aggregate over all. Each text is checked against the in-process
+  greedy reference of its prompt, adapter and length.
+- In-process: the same weights (and adapters, through PEFT) loaded in this process with the
+  replica's torch thread count (``serve.config.replica_threads`` of the model's ``num_cpus``):
+  ``generate`` feeding a ``TextIteratorStreamer`` in a thread, one prompt at a time (TTFT =
+  from tokenising to the first non-empty text piece; decode rate as above), plain
+  ``generate`` one prompt at a time, and ``batch{c}``: ``c`` prompts in one left-padded
+  ``generate`` for each concurrency ``c`` > 1 — static batching's aggregate, the baseline of
+  the Serve figure at the same ``c``; and ``engine{c}``: taskray's continuous-batching engine
+  itself in this process with ``c`` closed-loop clients and no Serve (the scheduler's own
+  figure: what Serve's transport costs is the gap between it and Serve). Measured while the
+  Serve app is up and idle, a few
+  passes before each Serve cell and pooled, so that both share the cores with an idle Ray
+  cluster, and with drifting load from other work, alike.
+
+Token counts are not taken from the stream (its chunks carry text, not token counts): decoding
+is greedy, so every text must equal the in-process reference's text for its job, whose token
+count (and the number of tokens generated when the first and the last non-empty piece
+appeared, recorded by a counting streamer) is then exact; a text that differs is counted as a
+mismatch and its tokens re-counted by re-tokenising it. Before measuring, one non-streamed
+request per prompt checks the text and ``usage.completion_tokens`` against the reference
+(``usage_check``). CPU time per token by process is recorded as for the classifier.
+
+Ratios: Serve aggregate at ``c`` ÷ in-process ``batch{c}`` (target ≥ 0.7 at 4, 8 and 16),
+``engine{c}`` ÷ ``batch{c}``,
+TTFT p50 at 16 ÷ at 1 (target ≤ 4), the mixed load ÷ the plain streamed load at 16 (target
+within 20%), Serve decode tokens/s ÷ in-process streamed (per-request p50), and the TTFT
+overhead (Serve − in-process alone, p50 and p99; under load it includes queueing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from serve.config import replica_threads
+
+from .baselines import InProcess
+from .common import (
+    API_KEY,
+    ROOT,
+    deploy_and_wait,
+    ensure_ray,
+    free_port,
+    keyed_config,
+    ratio,
+    serve_throughput_mode,
+)
+from .load import GenCell, _measure_stream
+from .workload import (
+    ADAPTERS,
+    GEN_CONCURRENCY,
+    MIXED_CONCURRENCY,
+    PROMPTS,
+    mixed_jobs,
+    warmup_streams,
+)
+
+GEN_CONFIG = ROOT / "configs" / "serve-llm.yaml"
+
+
+def generator_model() -> dict[str, Any]:
+    """The generator entry of configs/serve-llm.yaml (``writer``) as written there."""
+    import yaml
+
+    cfg = yaml.safe_load(GEN_CONFIG.read_text())
+    models = cfg["applications"][0]["args"]["models"]
+    return copy.deepcopy(next(m for m in models if m["name"] == "writer"))
+
+
+def _gen_threads() -> int:
+    from serve.config import ServedModel
+
+    spec = ServedModel.model_validate({**generator_model(), "bundle": "unused"})
+    return replica_threads(spec.num_cpus)
+
+
+# What GeneratorBase.__init__ gives the replica; the in-process reference uses the same.
+GEN_THREADS = _gen_threads()
+
+
+def build_tiny_lm(directory: Path) -> Path:
+    """A plain HF model directory (no taskray manifest): ``tiny:llama``'s config and tokenizer
+    with random weights (seed 0), saved as safetensors. ``tiny_model_path`` holds no weights."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    source = tiny_model_path("tiny:llama")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
+def build_adapters(model_dir: Path, tmp: Path) -> dict[str, str]:
+    """Random (non-zero) LoRA adapters over the tiny model, so each changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    paths = {}
+    for name, seed in ADAPTERS.items():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+        config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                            init_lora_weights=False)  # fmt: skip
+        get_peft_model(model, config).save_pretrained(tmp / name)
+        paths[name] = str(tmp / name)
+    return paths
+
+
+def write_generator_config(
+    tmp: Path, model_dir: Path, adapters: dict[str, str], port: int
+) -> tuple[Path, dict[str, Any]]:
+    """``configs/serve-llm.yaml`` reduced to its generator (``writer``, with the benchmark's
+    LoRA adapters) and the ingress: this model directory, an API key file, a free loopback
+    port, and one replica (autoscaling would only add a replica competing for the same two
+    cores)."""
+    import yaml
+
+    cfg, app = keyed_config(GEN_CONFIG, tmp, port)
+    args = app["args"]
+    args.pop("retrieval", None)
+    writer = generator_model()
+    writer.update(bundle=str(model_dir), device="cpu", adapters=adapters)
+    args["models"] = [writer]
+    deployments = []
+    for entry in app.get("deployments") or []:
+        if entry["name"] == f"generator-{writer['name']}":
+            entry = {k: v for k, v in entry.items() if k != "autoscaling_config"}
+            deployments.append({**entry, "num_replicas": 1})
+        elif entry["name"] == "Ingress":
+            deployments.append(entry)
+    app["deployments"] = deployments
+    path = tmp / "serve-llm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, {"model": writer, "deployments": deployments}
+
+
+@contextmanager
+def generator_app(
+    model_dir: Path, adapters: dict[str, str], tmp: Path, info: dict[str, Any]
+) -> Iterator[str]:
+    """Start Ray unless it runs (``ensure_ray``), deploy the generator as ``taskray serve``
+    does, wait for ``/readyz``, yield the base URL; shut Serve down however the block ends."""
+    from ray import serve
+
+    info["ray_start_s"] = ensure_ray()
+    try:
+        path, deployed = write_generator_config(tmp, model_dir, adapters, free_port())
+        _, url = deploy_and_wait(path, info)
+        info["deployed"] = deployed
+        yield url
+    finally:
+        serve.shutdown()  # Ray itself stays up for the next section; main() shuts it down
+
+
+async def _usage_check(
+    url: str, reference: dict[tuple[str, str, int], dict[str, Any]], max_tokens: int
+) -> dict[str, Any]:
+    """Non-streamed completions of every prompt: the server's text and own token count
+    (``usage.completion_tokens``) against the in-process reference's text and tokens
+    generated."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    rows = []
+    async with httpx.AsyncClient(timeout=60.0, headers=headers) as client:
+        for prompt in PROMPTS:
+            ref = reference[(prompt, "writer", max_tokens)]
+            body = {
+                "model": "writer",
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+            }
+            response = await client.post(url, json=body)
+            data = response.json() if response.status_code == 200 else {}
+            usage = (data.get("usage") or {}).get("completion_tokens")
+            text = ((data.get("choices") or [{}])[0]).get("text")
+            rows.append({"usage": usage, "text_equal": text == ref["text"], **ref})
+    return {
+        "texts_equal": all(r["text_equal"] for r in rows),
+        "usage_equals_generated": all(r["usage"] == r["n_tokens"] for r in rows),
+        "completion_tokens": [r["usage"] for r in rows],
+        "generated_tokens": [r["n_tokens"] for r in rows],
+    }
+
+
+def _print_cell(name: str, cell: GenCell) -> None:
+    cs = cell.summary()
+    errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
+    mismatches = f", {cs['text_mismatches']} text mismatches" if cs["text_mismatches"] else ""
+    print(
+        f"  serve {name} c={cell.concurrency}: TTFT p50 {cs['ttft_p50_ms'] or float('nan'):.1f}"
+        f" ms, {cs['aggregate_tok_s']:.0f} tok/s aggregate ({cs['ok']} in "
+        f"{cs['seconds']:.1f}s){errors}{mismatches}",
+        flush=True,
+    )
+
+
+def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
+    """The generator section: the tiny model (and two LoRA adapters) deployed from
+    configs/serve-llm.yaml, streamed over HTTP at each of ``GEN_CONCURRENCY`` and under the
+    mixed load, with in-process passes before each of those cells."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    timings: dict[str, float] = {}
+    per_client = 3 if smoke else 24  # requests per client in each measured cell
+    time_limit_s = 8.0 if smoke else 60.0
+    passes = 1 if smoke else 3  # in-process passes over the prompts before each Serve cell
+    cells: dict[int, GenCell] = {}
+    serve_info: dict[str, Any] = {}
+    plain_jobs = [{"prompt": p, "model": "writer", "max_tokens": max_tokens, "stream": True}
+                  for p in PROMPTS]  # fmt: skip
+    mixed = mixed_jobs(max_tokens)
+    with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:
+        tmp = Path(tmp_name)
+        t0 = time.perf_counter()
+        model_dir = build_tiny_lm(tmp / "tiny-llama")
+        adapters = build_adapters(model_dir, tmp)
+        timings["model_s"] = time.perf_counter() - t0
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+        def count_tokens(text: str) -> int:
+            return len(tok(text, add_special_tokens=False)["input_ids"])
+
+        with generator_app(model_dir, adapters, tmp, serve_info) as url:
+            endpoint = f"{url}/v1/completions"
+            # In-process while the app is up and idle, a share of the passes before each Serve
+            # cell: both share the cores with Ray, and with any drifting load, alike.
+            t0 = time.perf_counter()
+            ref = InProcess(model_dir, adapters, mixed, GEN_THREADS, max_tokens)
+            timings["inprocess_s"] = time.perf_counter() - t0
+            reference = ref.reference
+            usage = asyncio.run(_usage_check(endpoint, reference, max_tokens))
+            for c in (*GEN_CONCURRENCY, "mixed"):
+                t0 = time.perf_counter()
+                ref.run(passes)
+                timings["inprocess_s"] += time.perf_counter() - t0
+                s = ref.summary()["streamed"]
+                print(
+                    f"  in-process generate ({GEN_THREADS} thread, pooled so far): TTFT p50 "
+                    f"{s['ttft_p50_ms']:.1f} ms, decode {s['decode_tok_s_p50']:.0f} tok/s",
+                    flush=True,
+                )
+                width = MIXED_CONCURRENCY if c == "mixed" else c
+                cell = asyncio.run(
+                    _measure_stream(
+                        endpoint,
+                        width,
+                        mixed if c == "mixed" else plain_jobs,
+                        reference,
+                        count_tokens,
+                        per_client * width,
+                        time_limit_s,
+                        warmup_streams(width),
+                    )
+                )
+                if c == "mixed":
+                    mixed_cell = cell
+                else:
+                    cells[c] = cell
+                _print_cell("mixed" if c == "mixed" else "stream", cell)
+    timings.update({k: serve_info.pop(k) for k in ("ray_start_s", "serve_ready_s")})
+    timings["total_s"] = time.perf_counter() - started
+    inproc = {**ref.summary(), "passes_per_cell": passes}
+    results = {c: cells[c].summary() for c in GEN_CONCURRENCY}
+    mixed_result = {
+        **mixed_cell.summary(),
+        "jobs": len(mixed),
+        "models": ["writer", *ADAPTERS],
+        "max_tokens": sorted({j["max_tokens"] for j in mixed}),
+        "streamed_share": sum(j["stream"] for j in mixed) / len(mixed),
+    }
+    return {
+        "model": "tiny:llama config + tokenizer, random weights (seed 0), plain HF directory",
+        "engine": "continuous batching (actors.engine.ContinuousBatchingEngine)",
+        "ray_serve_throughput_optimized": serve_throughput_mode(),
+        "config": str(GEN_CONFIG.relative_to(ROOT)),
+        "torch_threads": GEN_THREADS,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "prompts": len(PROMPTS),
+        "load": {
+            "requests_per_client": per_client,
+            "time_limit_s": time_limit_s,
+            "warmup": {c: warmup_streams(c) for c in GEN_CONCURRENCY},
+        },
+        "serve": serve_info,
+        "usage_check": usage,
+        "inprocess": inproc,
+        "results": results,
+        "mixed": mixed_result,
+        "ratios": generator_ratios(results, mixed_result, inproc),
+        "timings_s": timings,
+        # 1/5/15-minute load averages: other work on a shared machine shows up here
+        "load_average": {
+            "before": load_before,
+            "after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+    }
+
+
+def generator_ratios(
+    results: dict[int, Any], mixed: dict[str, Any], inproc: dict[str, Any]
+) -> dict[str, float | None]:
+    """Serve against in-process at each concurrency, TTFT growth, and the mixed load against
+    the plain streamed load at the same concurrency."""
+    ratios: dict[str, float | None] = {}
+    stream = inproc["streamed"]
+    for c, r in results.items():
+        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
+            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
+        )
+        if f"batch{c}" in inproc:
+            ratios[f"serve_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
+                r["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+            # the scheduler alone (no Serve) against static batching: what is left is transport
+            ratios[f"engine_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
+                inproc[f"engine{c}"]["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+        else:
+            ratios[f"serve_c{c}_vs_inprocess_generate_aggregate_tok_s"] = ratio(
+                r["aggregate_tok_s"], inproc["plain"]["aggregate_tok_s"]
+            )
+        for q in ("p50", "p99"):
+            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
+            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
+                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
+            )
+    top, one = max(results), min(results)
+    ratios[f"ttft_p50_c{top}_over_c{one}"] = ratio(
+        results[top]["ttft_p50_ms"], results[one]["ttft_p50_ms"]
+    )
+    same = results.get(MIXED_CONCURRENCY)
+    if same is not None:
+        for key in ("aggregate_tok_s", "ttft_p50_ms", "decode_tok_s_p50"):
+            ratios[f"mixed_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(mixed[key], same[key])
+    return ratios
