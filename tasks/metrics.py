@@ -46,7 +46,8 @@ def token_f1(prediction: str, truth: str) -> float:
 
 
 def squad_scores(predictions: Sequence[str], truths: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Mean EM and F1 (×100, as the official script reports), max over gold answers."""
+    """Mean EM and F1 on the 0–1 scale of every taskray metric (the official SQuAD script
+    reports ×100), max over gold answers."""
     if not predictions:
         return {"exact_match": 0.0, "f1": 0.0}
     em = f1 = 0.0
@@ -55,7 +56,7 @@ def squad_scores(predictions: Sequence[str], truths: Sequence[Sequence[str]]) ->
         em += max(exact_match(pred, g) for g in golds)
         f1 += max(token_f1(pred, g) for g in golds)
     n = len(predictions)
-    return {"exact_match": 100.0 * em / n, "f1": 100.0 * f1 / n}
+    return {"exact_match": em / n, "f1": f1 / n}
 
 
 def rouge_scores(
@@ -63,7 +64,7 @@ def rouge_scores(
     references: Sequence[str],
     types: Sequence[str] = ("rouge1", "rouge2", "rougeL"),
 ) -> dict[str, float]:
-    """Mean ROUGE F-measures (×100) with Porter stemming, via rouge-score."""
+    """Mean ROUGE F-measures (0–1, as rouge-score gives them) with Porter stemming."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
@@ -73,17 +74,18 @@ def rouge_scores(
         for t in types:
             totals[t] += scores[t].fmeasure
     n = max(len(predictions), 1)
-    return {t: 100.0 * v / n for t, v in totals.items()}
+    return {t: v / n for t, v in totals.items()}
 
 
 def bleu_chrf(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Corpus sacreBLEU and chrF (sacrebleu's defaults), one reference per prediction."""
+    """Corpus sacreBLEU and chrF (sacrebleu's defaults), one reference per prediction, on the
+    0–1 scale of every taskray metric (sacrebleu reports 0–100)."""
     import sacrebleu
 
     refs = [list(references)]
     return {
-        "bleu": float(sacrebleu.corpus_bleu(list(predictions), refs).score),
-        "chrf": float(sacrebleu.corpus_chrf(list(predictions), refs).score),
+        "bleu": float(sacrebleu.corpus_bleu(list(predictions), refs).score) / 100.0,
+        "chrf": float(sacrebleu.corpus_chrf(list(predictions), refs).score) / 100.0,
     }
 
 

@@ -211,4 +211,4 @@ class MultimodalTask(Task):
     def metrics(self, predictions: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]):
         """SQuAD-normalised exact match (as accuracy) and F1 of the answers."""
         scores = squad_scores([p["text"] for p in predictions], [[r["answer"]] for r in rows])
-        return {"accuracy": scores["exact_match"] / 100.0, "f1": scores["f1"]}
+        return {"accuracy": scores["exact_match"], "f1": scores["f1"]}

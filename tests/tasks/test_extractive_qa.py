@@ -204,8 +204,8 @@ def test_perfect_logits_decode_every_first_gold_answer(fixture_rows, tokenizer, 
     if tokenizer is minilm_tokenizer:
         assert only_later >= 10
     assert task.metrics(predictions, answerable) == {
-        "exact_match": 100.0,
-        "f1": 100.0,
+        "exact_match": 1.0,
+        "f1": 1.0,
         "count": float(len(answerable)),
     }
 
@@ -221,7 +221,7 @@ def test_no_answer_wins_when_allowed(fixture_rows, minilm_tokenizer):
         assert pred["answer"] == "" and pred["start"] == pred["end"] == -1
         assert pred["score"] > 0.5
     assert all(pred["answer"] for pred in strict.decode(outputs, empty))
-    assert lenient.metrics(lenient.decode(outputs, empty), empty)["exact_match"] == 100.0
+    assert lenient.metrics(lenient.decode(outputs, empty), empty)["exact_match"] == 1.0
     # Windows that lack the answer peak at position 0, but the null score is the lowest over
     # the windows, so the window that holds the answer decides.
     outputs = [perfect_windows(lenient.encode_row(r, minilm_tokenizer), True) for r in answerable]
@@ -321,14 +321,14 @@ def test_bpe_offsets_with_leading_spaces_are_trimmed():
 @pytest.mark.parametrize(
     ("prediction", "golds", "em", "f1"),
     [
-        ("The Eiffel Tower!", ["eiffel tower"], 100.0, 100.0),
-        ("an  Apple, Inc.", ["apple inc"], 100.0, 100.0),
-        ("in Paris, France", ["Paris"], 0.0, 50.0),
-        ("Paris", ["in Paris, France"], 0.0, 100.0 * 2 * (1 / 3) / (1 + 1 / 3)),
-        ("Sir Christopher Wren", ["Sir Christopher Wren", "Christopher Wren"], 100.0, 100.0),
-        ("Wren", ["Sir Christopher Wren", "Christopher Wren"], 0.0, 100.0 * 2 * 0.5 / 1.5),
+        ("The Eiffel Tower!", ["eiffel tower"], 1.0, 1.0),
+        ("an  Apple, Inc.", ["apple inc"], 1.0, 1.0),
+        ("in Paris, France", ["Paris"], 0.0, 0.5),
+        ("Paris", ["in Paris, France"], 0.0, 2 * (1 / 3) / (1 + 1 / 3)),
+        ("Sir Christopher Wren", ["Sir Christopher Wren", "Christopher Wren"], 1.0, 1.0),
+        ("Wren", ["Sir Christopher Wren", "Christopher Wren"], 0.0, 2 * 0.5 / 1.5),
         ("London", ["Paris"], 0.0, 0.0),
-        ("", [], 100.0, 100.0),
+        ("", [], 1.0, 1.0),
         ("something", [], 0.0, 0.0),
     ],
 )
@@ -347,4 +347,4 @@ def test_squad_metrics_average_over_rows():
         {"context": "c", "question": "q"},  # inference row: counts as unanswerable
     ]
     scores = task.metrics([{"answer": "Tun."}, {"answer": "x"}], rows)
-    assert scores == {"exact_match": 50.0, "f1": 50.0, "count": 2.0}
+    assert scores == {"exact_match": 0.5, "f1": 0.5, "count": 2.0}

@@ -30,16 +30,16 @@ def test_rouge_equals_rouge_score():
     ours = rouge_scores(PREDS, REFS)
     for key in ("rouge1", "rouge2", "rougeL"):
         ref = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(PREDS, REFS, strict=True)) / 3
-        assert ours[key] == pytest.approx(100 * ref)
+        assert ours[key] == pytest.approx(ref)
 
 
 def test_bleu_chrf_equal_sacrebleu():
     import sacrebleu
 
     ours = bleu_chrf(PREDS, REFS)
-    assert ours["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score)
-    assert ours["chrf"] == pytest.approx(sacrebleu.corpus_chrf(PREDS, [REFS]).score)
-    assert bleu_chrf(REFS, REFS)["bleu"] == pytest.approx(100.0)
+    assert ours["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDS, [REFS]).score / 100)
+    assert ours["chrf"] == pytest.approx(sacrebleu.corpus_chrf(PREDS, [REFS]).score / 100)
+    assert bleu_chrf(REFS, REFS)["bleu"] == pytest.approx(1.0)
 
 
 def test_squad_normalisation_and_scores_by_hand():
@@ -47,10 +47,10 @@ def test_squad_normalisation_and_scores_by_hand():
     assert normalize_answer("An apple, a day.") == "apple day"
     scores = squad_scores(["The Eiffel Tower!", "in Paris France"], [["eiffel tower"], ["Paris"]])
     # EM: 1 and 0; F1: 1 and 2·(1/3·1)/(1/3+1) = 0.5
-    assert scores["exact_match"] == pytest.approx(50.0)
-    assert scores["f1"] == pytest.approx(75.0)
-    assert squad_scores(["Jobs"], [["Steve Jobs", "Jobs"]])["exact_match"] == 100.0
-    assert squad_scores([""], [[""]])["f1"] == 100.0
+    assert scores["exact_match"] == pytest.approx(0.5)
+    assert scores["f1"] == pytest.approx(0.75)
+    assert squad_scores(["Jobs"], [["Steve Jobs", "Jobs"]])["exact_match"] == 1.0
+    assert squad_scores([""], [[""]])["f1"] == 1.0
 
 
 def test_final_answer_comparison():
