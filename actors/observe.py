@@ -68,3 +68,22 @@ class MetricsSink:
                 if isinstance(value, int | float) and key not in ("epoch", "step"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, step)
             self.writer.flush()
+
+
+#: Rank 0's messages for the person at the console, one JSON object per line, beside
+#: ``metrics.jsonl``: the driver follows both (``cluster.console``) and shows each message once,
+#: whereas Ray's forwarding of worker output repeats lines and mixes in Ray's own.
+CONSOLE_FILE = "console.jsonl"
+
+
+def console_event(run_dir: str | Path, kind: str, **fields: Any) -> None:
+    """Append one event for the driver's console: ``line`` (``text``: a message to show as is)
+    or ``plan`` (``total_steps``, ``steps_per_epoch``, ``epochs``, ``start_step``)."""
+    with Path(run_dir, CONSOLE_FILE).open("a") as f:
+        f.write(json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n")
+
+
+def say(run_dir: str | Path, text: str) -> None:
+    """A rank-0 message: printed to the worker's log and sent to the driver's console."""
+    print(text, flush=True)
+    console_event(run_dir, "line", text=text)

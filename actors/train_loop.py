@@ -24,7 +24,14 @@ from pydantic import BaseModel, ConfigDict
 from actors.bundle import write_manifest
 from actors.config import ModelOptions, OptimOptions
 from actors.modeling import build_model
-from actors.observe import MetricsSink, flops_per_token, measure_peak_flops, peak_memory_mb
+from actors.observe import (
+    MetricsSink,
+    console_event,
+    flops_per_token,
+    measure_peak_flops,
+    peak_memory_mb,
+    say,
+)
 from actors.preprocess import load_tokenizer
 from actors.steps import (
     accumulate,
@@ -461,14 +468,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = built.model.to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:
-        print(
+        say(
+            cfg.run_dir,
             f"[taskray] model {cfg.base_model} ({kind}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
             f"{trainable / 1e6:.2f}M trainable), "
             f"attention={built.attn_implementation} ({built.attn_reason}), "
             f"dtype={str(built.dtype).replace('torch.', '')}, workers={size}"
             + (", FSDP2" if size > 1 else ""),
-            flush=True,
         )
     if size > 1:
         model = shard_model(model, cfg.use_gpu, cfg.model.cpu_offload)
@@ -497,11 +504,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best: float | None = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        say = (lambda m: print(m, flush=True)) if rank == 0 else (lambda m: None)
+        tell = (lambda m: say(cfg.run_dir, m)) if rank == 0 else (lambda m: None)
         with checkpoint.as_directory() as ckpt_dir:
-            state, used = restore_checkpoint(ckpt_dir, model, optimizer, say)
+            state, used = restore_checkpoint(ckpt_dir, model, optimizer, tell)
         if state is None:
-            say("[taskray] no usable checkpoint: training from the start")
+            tell("[taskray] no usable checkpoint: training from the start")
         else:
             scheduler.load_state_dict(state["scheduler"])
             start_epoch, skip_micro = state["next_epoch"], state["skip_micro_batches"]
@@ -509,11 +516,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             where = f"epoch {start_epoch + 1}" + (
                 f", after micro-batch {skip_micro}" if skip_micro else ""
             )
-            say(f"[taskray] resumed from {used.name} at {where} (step {global_step})")
+            tell(f"[taskray] resumed from {used.name} at {where} (step {global_step})")
             if rank == 0:
                 with open(os.path.join(cfg.run_dir, "resumes.jsonl"), "a") as f:
                     f.write(json.dumps({"from": used.name, "step": global_step}) + "\n")
 
+    if rank == 0:
+        console_event(
+            cfg.run_dir,
+            "plan",
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            epochs=optim.epochs,
+            start_step=global_step,
+        )
     train_shard = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("validation")
     sink = MetricsSink(cfg.run_dir) if rank == 0 else None
@@ -622,7 +638,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shown = ", ".join(
                 f"{k[5:]} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")
             )
-            print(f"[taskray] epoch {epoch + 1} evaluation: {shown}", flush=True)
+            say(cfg.run_dir, f"[taskray] epoch {epoch + 1} evaluation: {shown}")
             sink.write(metrics, global_step, prefix="eval")
 
         with tempfile.TemporaryDirectory(prefix="taskray-ckpt-") as tmp:

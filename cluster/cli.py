@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import UserError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART_CONFIG = PROJECT_ROOT / "configs" / "classification-minilm.yaml"
 QUICKSTART_TEST = PROJECT_ROOT / "data" / "sentiment" / "test.jsonl"
@@ -24,10 +26,6 @@ QUICKSTART_SENTENCES = [
     "Not bad at all, the pasta was fresh and the staff were lovely.",
     "I wanted to like this app, but it crashes every time I open the camera.",
 ]
-
-
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
 
 
 # ----- secrets in what the CLI prints -------------------------------------------------------
@@ -174,15 +172,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate_bundle(
-            args.bundle, args.data, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+            args.bundle,
+            args.data,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            predictions_path=args.predictions,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
+    if args.predictions:
+        report["predictions"] = str(args.predictions)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"task {report['task']}, {report['rows']} rows ({len(report['rejected'])} rejected)")
     _print_metrics(report["metrics"])
+    if args.predictions:
+        print(f"predictions: {args.predictions}")
     return 0
 
 
@@ -336,7 +342,9 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     print(f"[taskray] 2/5 evaluating the bundle on held-out {QUICKSTART_TEST}")
     t = time.perf_counter()
-    report = evaluate_bundle(outcome.bundle, str(QUICKSTART_TEST))
+    report = evaluate_bundle(
+        outcome.bundle, str(QUICKSTART_TEST), predictions_path=out / "predictions.jsonl"
+    )
     times["evaluate classifier"] = time.perf_counter() - t
     accuracy = report["metrics"]["accuracy"]
 
@@ -446,6 +454,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     for stage, seconds in times.items():
         print(f"  {stage:<30} {seconds:6.1f}s")
     print(f"bundle: {outcome.bundle}" + (f"\nVLM bundle: {vlm_bundle}" if vlm_bundle else ""))
+    from cluster.report import write_report
+
+    # The held-out predictions above give the report its confusion matrix.
+    print(f"report: {write_report(out)}")
     if accuracy < args.min_accuracy:
         print(f"taskray: error: accuracy {accuracy:.3f} < --min-accuracy {args.min_accuracy}")
         return 1
@@ -494,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64, help="generative tasks")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="also write each row and its prediction as JSONL (for `taskray report`)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -540,13 +557,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-accuracy", type=float, default=0.85, help="fail below this accuracy")
     p.set_defaults(func=cmd_quickstart)
 
-    from cluster import jobs, k8s
+    from cluster import jobs, k8s, report
 
-    jobs.register(sub)
+    jobs.register(sub, parser)  # `taskray submit` checks COMMAND's arguments with it
     k8s.register(sub)
+    report.register(sub)
     from cluster import retrieval_cli
 
     retrieval_cli.register(sub)
+    for command in sub.choices.values():
+        command.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show Ray's own logs and the workers' raw output on the console "
+            "(also TASKRAY_LOG_LEVEL=INFO)",
+        )
     return parser
 
 
@@ -566,6 +591,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if getattr(args, "verbose", False):
+        os.environ["TASKRAY_VERBOSE"] = "1"  # read by cluster.console, in this process
     from cluster import lifecycle
 
     lifecycle.install()

@@ -25,6 +25,7 @@ from actors.embedder import EmbedBatch, EmbedderOptions, canonical_model_name
 from actors.indexing import TEXT_SUFFIXES, chunk_batch, keep_rows, validate_documents
 from actors.vectorstore import QdrantOptions, VectorStore
 from cluster.config import ConfigError, RayOptions
+from cluster.console import progress_bar
 from cluster.data import DATA_SUFFIXES, DataError, read_rows
 
 log = logging.getLogger("taskray")
@@ -161,7 +162,9 @@ def _write_rejected(path: Path, rejected: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def run_indexing(cfg: IndexConfig, progress: Any = print) -> IndexOutcome:
+def run_indexing(
+    cfg: IndexConfig, progress: Any = print, show_progress: bool = True
+) -> IndexOutcome:
     """Run the indexing job; the store is closed when this returns (or raises)."""
     import ray.data
 
@@ -267,7 +270,7 @@ def run_indexing(cfg: IndexConfig, progress: Any = print) -> IndexOutcome:
         documents: set[str] = set()
         failed_docs: set[str] = set()
         chunks = 0
-        last_report = time.perf_counter()
+        bar = progress_bar(total - len(rejected), "index", "doc") if show_progress else None
         for batch in embedded.iter_batches(
             batch_size=cfg.qdrant.batch_size, batch_format="numpy", prefetch_batches=2
         ):
@@ -304,13 +307,12 @@ def run_indexing(cfg: IndexConfig, progress: Any = print) -> IndexOutcome:
                 for d, n in zip(batch["_doc_id"][ok], batch["_n_chunks"][ok], strict=True)
             }
             store.delete_stale_chunks(counts)
+            if bar is not None:
+                bar.update(len(set(counts) - documents))
+                bar.set_postfix(chunks=chunks, refresh=False)
             documents.update(counts)
-            if time.perf_counter() - last_report > 5:
-                last_report = time.perf_counter()
-                progress(
-                    f"[taskray] {chunks} chunks of {len(documents)} documents upserted "
-                    f"({time.perf_counter() - t_start:.1f}s)"
-                )
+        if bar is not None:
+            bar.close()
         timings["chunk + embed + upsert"] = time.perf_counter() - t
 
         pruned = 0

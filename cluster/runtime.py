@@ -66,10 +66,18 @@ def connect(
     import ray
 
     from cluster import lifecycle
+    from cluster.console import quiet_ray_loggers, ray_logs_dir, verbose
 
     address = ray_address(address)
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"log_to_driver": True, "configure_logging": not quiet}
+        loud = verbose()
+        # Quiet by default: workers' output and Ray's INFO lines stay in Ray's log files, and
+        # taskray's own lines reach the console once each (cluster.console).
+        kwargs: dict[str, Any] = {
+            "log_to_driver": loud,
+            "configure_logging": not quiet,
+            "logging_level": logging.INFO if loud else logging.WARNING,
+        }
         if address:
             join(address, **kwargs)
         else:
@@ -77,5 +85,10 @@ def connect(
             kwargs["include_dashboard"] = False
             ray.init(**kwargs)
             lifecycle.install()
+        if not loud:
+            quiet_ray_loggers()
+        logs = ray_logs_dir()
+        if not loud and not quiet and logs:
+            print(f"[taskray] Ray's logs: {logs} (--verbose shows them here)", flush=True)
     resources = ray.cluster_resources()
     return {"address": address or "local", "resources": resources}

@@ -13,6 +13,7 @@ from typing import Any
 from actors.modeling import resolve_model_path
 from actors.train_loop import WorkerConfig, train_loop_per_worker
 from cluster.config import ConfigError, TrainConfig
+from cluster.console import TrainingConsole
 from cluster.data import prepare_datasets, resolve_paths
 from cluster.runtime import connect
 from tasks import get_task
@@ -118,7 +119,7 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
     run_dir = Path(cfg.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
-        for stale in ("ray", "metrics.jsonl", "resumes.jsonl"):
+        for stale in ("ray", "metrics.jsonl", "resumes.jsonl", "console.jsonl"):
             target = run_dir / stale
             if target.is_dir():
                 shutil.rmtree(target)
@@ -201,7 +202,8 @@ def run_training(cfg: TrainConfig, progress: Any = print) -> TrainOutcome:
         datasets={"train": train_ds, "validation": data.validation},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    with TrainingConsole(run_dir):
+        result = trainer.fit()
     t_train = time.perf_counter()
     if result.error is not None:
         raise TrainingError(f"training failed: {result.error}")

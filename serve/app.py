@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -198,9 +198,11 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
-#: Routes open without the API key: the health checks and the API's own documentation.
+#: Routes open without the API key: the health checks, the API's own documentation and the
+#: playground page (which holds no secret: its API calls send the key typed into it).
 PUBLIC_PATHS = frozenset(
     {"/healthz", "/readyz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    | {"/", "/playground"}
 )
 #: A JSON escape of a UTF-16 surrogate; only a body holding one can decode to a lone surrogate.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -719,6 +721,22 @@ def build_ingress(args: AppArgs) -> Any:
                 status_code=200 if all(results) else 503,
                 content={"ready": all(results), "models": status},
             )
+
+        # ----- playground (serve/playground.html; not part of the API's schema) -------------
+        @api.get("/", include_in_schema=False)
+        async def root(self) -> HTMLResponse:
+            """The playground page."""
+            return self._playground()
+
+        @api.get("/playground", include_in_schema=False)
+        async def playground(self) -> HTMLResponse:
+            """The playground page: try every served model in a browser."""
+            return self._playground()
+
+        def _playground(self) -> HTMLResponse:
+            from serve import playground
+
+            return HTMLResponse(playground.page(), headers=playground.headers())
 
         # ----- models -----------------------------------------------------------------------
         @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
