@@ -115,6 +115,26 @@ def _stream(url: str, out: dict[str, Any]) -> None:
         out["error"] = repr(err)
 
 
+def _streaming(url: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A reader thread running :func:`_stream`, returned once its first event has arrived."""
+    out: dict[str, Any] = {}
+    reader = threading.Thread(target=_stream, args=(url, out), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while not out.get("events"):
+        assert reader.is_alive() and time.monotonic() < deadline, out
+        time.sleep(0.05)
+    return reader, out
+
+
+def _left_after(started: list[psutil.Process], timeout_s: float = 30) -> list[str]:
+    """The processes of ``started`` still alive once ``timeout_s`` has passed (or none are)."""
+    deadline = time.monotonic() + timeout_s
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return _alive(started)
+
+
 @pytest.fixture()
 def ray_tmp():
     # Short: Ray's Unix socket paths under it must stay below 108 characters.
@@ -131,13 +151,7 @@ def test_sigterm_drains_a_stream_exits_0_and_a_new_server_starts_at_once(tmp_pat
         first.wait_for("to stop", 240)
         started = first.ray_processes()
         assert started, "the server started no Ray processes"
-        out: dict[str, Any] = {}
-        reader = threading.Thread(target=_stream, args=(first.url, out), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 60
-        while not out.get("events"):
-            assert reader.is_alive() and time.monotonic() < deadline, out
-            time.sleep(0.05)
+        reader, out = _streaming(first.url)
         t_signal = time.monotonic()
         first.proc.send_signal(signal.SIGTERM)
         # While the stream is still going, the server turns new requests away.
@@ -169,10 +183,7 @@ def test_sigterm_drains_a_stream_exits_0_and_a_new_server_starts_at_once(tmp_pat
         assert "SIGTERM received" not in log  # Ray's own abort handler never ran
         assert stopped_after < 60 + 60, stopped_after
         print(f"\nfirst server: SIGTERM -> exit 0 in {stopped_after:.1f}s, stream finished")
-        deadline = time.monotonic() + 30
-        while _alive(started) and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert _alive(started) == [], "Ray processes left behind"
+        assert _left_after(started) == [], "Ray processes left behind"
     finally:
         first.stop()
 
@@ -188,13 +199,7 @@ def test_sigterm_drains_a_stream_exits_0_and_a_new_server_starts_at_once(tmp_pat
         )
         assert answer.status_code == 200, answer.text
         started = second.ray_processes()
-        out = {}
-        reader = threading.Thread(target=_stream, args=(second.url, out), daemon=True)
-        reader.start()
-        deadline = time.monotonic() + 60
-        while not out.get("events"):
-            assert reader.is_alive() and time.monotonic() < deadline, out
-            time.sleep(0.05)
+        reader, out = _streaming(second.url)
         t_signal = time.monotonic()
         second.proc.send_signal(signal.SIGTERM)
         assert second.proc.wait(timeout=120) == 0, second.text()[-3000:]
@@ -202,10 +207,7 @@ def test_sigterm_drains_a_stream_exits_0_and_a_new_server_starts_at_once(tmp_pat
         reader.join(timeout=30)
         assert "grace period over with 1 request(s) still in flight" in second.text()
         assert "error" in out or out["events"][-1] != "[DONE]", out  # cut, not finished
-        deadline = time.monotonic() + 30
-        while _alive(started) and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert _alive(started) == []
+        assert _left_after(started) == []
     finally:
         second.stop()
 
@@ -273,10 +275,7 @@ def test_sigterm_during_training_exits_143_and_leaves_no_ray_processes(tmp_path,
         text = log.read_text(errors="replace")
         assert "taskray: terminated" in text
         assert "SIGTERM received" not in text and "Traceback" not in text, text[-3000:]
-        deadline = time.monotonic() + 30
-        while _alive(started) and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert _alive(started) == [], "Ray processes left behind"
+        assert _left_after(started) == [], "Ray processes left behind"
         assert took < 60, took
         print(f"\ntrain: SIGTERM -> exit 143 in {took:.1f}s, {len(started)} processes, 0 left")
     finally:
