@@ -42,6 +42,13 @@ class SchedulerArgs(BaseModel):
         description="a stream sends its text at most this often (the first piece at once); "
         "text decoded in between goes out joined. 0 = every piece as it is decoded",
     )
+    stream_messages_per_s: float = Field(
+        default=100,
+        ge=0,
+        description="text items a second that all of a replica's streams send together: with "
+        "more open streams than stream_messages_per_s × stream_interval_s, each stream's "
+        "interval widens to open streams / stream_messages_per_s. 0 = no budget",
+    )
 
 
 class ServedModel(BaseModel):

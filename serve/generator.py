@@ -17,7 +17,7 @@ different adapters share the engine's batch (PEFT's mixed-adapter forward).
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +102,27 @@ class GeneratorBase:
         self.batch_sizes: Counter[int] = Counter()
         self.defaults = self.spec.generation
         self.stream_interval_s = self.spec.scheduler.stream_interval_s
+        self.stream_messages_per_s = self.spec.scheduler.stream_messages_per_s
+        self.open_streams = 0
         self.generate.set_max_batch_size(self.spec.max_batch_size)
         self.generate.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
 
     @staticmethod
     def _limits(scheduler: dict[str, Any]) -> EngineLimits:
-        return EngineLimits(**{k: v for k, v in scheduler.items() if k != "stream_interval_s"})
+        stream_only = ("stream_interval_s", "stream_messages_per_s")
+        return EngineLimits(**{k: v for k, v in scheduler.items() if k not in stream_only})
+
+    def stream_interval(self) -> float:
+        """Seconds between one stream's text items: ``scheduler.stream_interval_s``, widened
+        so that this replica's open streams together send at most
+        ``scheduler.stream_messages_per_s`` items a second. Each item costs about the same CPU
+        on its way (replica → ingress → proxy → client) whatever text it carries, so a fixed
+        per-stream interval makes that cost grow with the number of streams until it starves
+        the model's own steps; a replica-wide budget keeps it bounded (more text per item as
+        streams are added; the first piece of each stream still goes out at once)."""
+        if self.stream_messages_per_s <= 0:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self.open_streams / self.stream_messages_per_s)
 
     # ----- adapters -------------------------------------------------------------------------
     def _load_adapter(self, name: str) -> None:
@@ -220,6 +235,7 @@ class GeneratorBase:
             checked = SchedulerArgs.model_validate(merged)
             self.engine.limits = self._limits(checked.model_dump())
             self.stream_interval_s = checked.stream_interval_s
+            self.stream_messages_per_s = checked.stream_messages_per_s
 
     # ----- generation -----------------------------------------------------------------------
     def _submit(self, prompt: str, params: dict[str, Any], adapter: str | None, sink: Any) -> int:
@@ -292,13 +308,15 @@ class GeneratorBase:
         (a client that went away) frees the request's slot at the engine's next step."""
         adapter = await self._adapter_for_request()
         if self.engine is not None:
-            tokens = TokenStream(self.stream_interval_s)
+            tokens = TokenStream(self.stream_interval)
             rid = self._submit(prompt, params, adapter, tokens.sink)
+            self.open_streams += 1
             try:
                 yield {"queued": rid}
                 async for item in tokens.items():
                     yield item
             finally:
+                self.open_streams -= 1
                 self.engine.cancel(rid)
             return
         sampling = SamplingParams(**params)
@@ -343,16 +361,20 @@ class GeneratorBase:
 
 class TokenStream:
     """One engine request's events, read as stream items at most one text item per
-    ``interval_s``: the first piece goes out at once; text decoded while the interval since the
+    interval: the first piece goes out at once; text decoded while the interval since the
     previous item runs goes out joined when it ends (every item costs a message through Ray to
     the ingress and on to the proxy, which on a busy CPU costs more than the tokens
     themselves); the completion (or its error) goes out at once. ``sink`` runs on the event
     loop (the engine's dispatcher) and wakes the reader only when there is something to send,
-    not at every decode step."""
+    not at every decode step.
 
-    def __init__(self, interval_s: float) -> None:
+    ``interval_s`` is a number, or a callable read after each item (the replica widens the
+    interval as more streams share its message budget, see ``GeneratorBase.stream_interval``).
+    """
+
+    def __init__(self, interval_s: float | Callable[[], float]) -> None:
         self.loop = asyncio.get_running_loop()
-        self.interval_s = interval_s
+        self.interval_s = interval_s if callable(interval_s) else (lambda: interval_s)
         self.events: list[tuple[str, Any]] = []
         self.wake = asyncio.Event()
         self.hold_until = float("-inf")
@@ -381,7 +403,7 @@ class TokenStream:
                 text = "".join(p for k, p in events if k == "text")
                 if text:
                     yield {"text": text}
-                    self.hold_until = self.loop.time() + self.interval_s
+                    self.hold_until = self.loop.time() + self.interval_s()
                 for kind, payload in events:
                     if kind == "error":
                         raise payload

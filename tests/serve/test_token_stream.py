@@ -66,3 +66,46 @@ def test_zero_interval_sends_every_piece_and_errors_are_raised():
 
     with pytest.raises(IndexError, match="boom"):
         asyncio.run(main())
+
+
+def test_the_interval_is_read_after_each_item():
+    """A callable interval (the replica's budget) is asked again after every item sent."""
+    asked: list[float] = []
+
+    def interval() -> float:
+        asked.append(0.15 if asked else 0.0)  # no hold after "a", then 0.15 s
+        return asked[-1]
+
+    async def main() -> list:
+        stream = TokenStream(interval_s=interval)
+        feed = [(0.0, "text", "a"), (0.02, "text", "b"), (0.05, "text", "c"), (0.3, "done", DONE)]
+        return await _read(stream, feed)
+
+    got = asyncio.run(main())
+    texts = [item["text"] for _, item in got if "text" in item]
+    assert texts == ["a", "b", "c"] or texts == ["a", "bc"]  # "b" was not held
+    assert len(asked) == len(texts)
+    if texts == ["a", "b", "c"]:
+        assert got[2][0] - got[1][0] > 0.12  # "c" waited for the widened interval
+
+
+@pytest.mark.parametrize(
+    ("open_streams", "budget", "expected"),
+    [(1, 100, 0.05), (4, 100, 0.05), (16, 100, 0.16), (32, 100, 0.32), (16, 0, 0.05)],
+)
+def test_a_replica_widens_each_streams_interval_to_hold_its_message_budget(
+    open_streams, budget, expected
+):
+    """``stream_messages_per_s`` bounds the items a second that all streams send together;
+    below the budget every stream keeps ``stream_interval_s``; 0 turns the budget off."""
+    from types import SimpleNamespace
+
+    from serve.generator import GeneratorBase
+
+    replica = SimpleNamespace(
+        stream_interval_s=0.05, stream_messages_per_s=budget, open_streams=open_streams
+    )
+    interval = GeneratorBase.stream_interval(replica)
+    assert interval == pytest.approx(expected)
+    if budget:
+        assert open_streams / interval <= budget + 1e-9
