@@ -45,11 +45,16 @@ class Completion:
 
 
 def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    """Token ids that end a generation: the model's configured EOS ids and the tokenizer's EOS
-    (a chat bundle trained with ``<|im_end|>`` as its end of turn has it as the EOS token)."""
+    """Token ids that end a generation: the model's configured EOS ids, the tokenizer's EOS
+    (a chat bundle trained with ``<|im_end|>`` as its end of turn has it as the EOS token) and
+    the token that closes an assistant turn in its chat template (Gemma's ``<end_of_turn>``,
+    Phi-3's ``<|end|>``), which a model's ``generation_config`` does not always list."""
+    from tasks.dialogue import end_of_turn_tokens
+
     ids: list[int] = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
+    turn_end = [tokenizer.convert_tokens_to_ids(t) for t in end_of_turn_tokens(tokenizer)]
+    for value in (configured, tokenizer.eos_token_id, turn_end):
         if value is None:
             continue
         for i in value if isinstance(value, list | tuple) else [value]:

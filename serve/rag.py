@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from actors.generation import SamplingParams
 from serve.retriever import check_k, check_query
+from tasks.lm import with_bos_text
 from tasks.rag import build_prompt
 
 log = logging.getLogger("ray.serve")
@@ -311,6 +312,8 @@ class RagPipeline:
             prompt = self.tokenizer.apply_chat_template(  # type: ignore[union-attr]
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
             )
+        else:  # as the rag task trains it: BOS text in front where training puts [BOS]
+            prompt = with_bos_text(self.tokenizer, prompt)
         return prompt, used
 
     def _request(

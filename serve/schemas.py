@@ -142,18 +142,29 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    """One chat message."""
+    """One chat message, in OpenAI's form: an assistant message may carry ``tool_calls`` (then
+    its content may be null) and ``reasoning_content``; a ``tool`` message is a tool's result.
+    They reach the model's chat template as the dialogue task renders them in training."""
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: StrictStr | list[ContentPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: StrictStr | list[ContentPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, max_length=64)
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
 
 
 class ChatRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = Field(
+        default=None,
+        max_length=128,
+        description="tool (function) definitions, passed to the model's chat template",
+    )
 
 
 class MultimodalRequest(BaseModel):

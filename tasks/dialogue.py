@@ -35,6 +35,7 @@ a JSON string become an object, the form Hugging Face templates expect).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -246,6 +247,14 @@ def _render(
         ) from None
 
 
+def render_chat(
+    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> str:
+    """A conversation rendered up to where the assistant's reply starts: the prompt a served
+    model is given, exactly as training renders it (``RowError`` when the template refuses)."""
+    return _render(tokenizer, messages, tools, generation_prompt=True)
+
+
 def _added_token_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     try:
         added = [t for t in tokenizer.get_added_vocab() if t]
@@ -404,6 +413,36 @@ def locate_turns(
     return full, turns
 
 
+def end_of_turn_tokens(tokenizer: Any) -> list[str]:
+    """The added token that closes an assistant turn in ``tokenizer``'s chat template, when it
+    is not the tokenizer's EOS: Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``, Llama 3's
+    ``<|eot_id|>`` (ChatML bundles usually have ``<|im_end|>`` as EOS already). A served model
+    must stop there, whatever its ``generation_config`` lists. Found from the template itself:
+    the first added token right after the assistant's content in a two-message conversation.
+    ``[]`` without a chat template, or when the template renders no such token."""
+    cached = getattr(tokenizer, "_taskray_end_of_turn", None)
+    if cached is not None:
+        return list(cached)
+    found: list[str] = []
+    added = _added_token_pattern(tokenizer)
+    if getattr(tokenizer, "chat_template", None) and added is not None:
+        messages = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]
+        try:
+            rendered = _render(tokenizer, messages, None)
+            _, end = _content_span(tokenizer, messages, None, 1, rendered)
+        except RowError:
+            end = -1
+        if end >= 0:
+            tail = rendered[end:]
+            match = added.match(tail, len(tail) - len(tail.lstrip()))
+            if match is not None and match.group(0) != tokenizer.eos_token:
+                found.append(match.group(0))
+    # A tokenizer that refuses attributes is asked again next time.
+    with contextlib.suppress(AttributeError):
+        tokenizer._taskray_end_of_turn = tuple(found)
+    return found
+
+
 def _head_and_tail(
     tokenizer: Any,
     messages: list[dict[str, Any]],
@@ -543,7 +582,7 @@ class DialogueTask(Task):
         messages = row["messages"]
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        return _render(tokenizer, messages, row.get("tools"), generation_prompt=True)
+        return render_chat(tokenizer, messages, row.get("tools"))
 
     def decode(self, outputs: Any, rows: Sequence[dict[str, Any]] | None = None) -> list[dict]:
         """Generated texts → assistant messages."""

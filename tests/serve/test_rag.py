@@ -140,7 +140,9 @@ class FakeHandle:
         return SimpleNamespace(remote=remote)
 
 
-def fake_pipeline(answer_text: str, passages: list[dict[str, Any]]) -> SimpleNamespace:
+def fake_pipeline(
+    answer_text: str, passages: list[dict[str, Any]], tokenizer: str | None = None
+) -> SimpleNamespace:
     async def retrieve(question, k, filters):
         return copy.deepcopy(passages[:k])
 
@@ -167,10 +169,31 @@ def fake_pipeline(answer_text: str, passages: list[dict[str, Any]]) -> SimpleNam
     generator = FakeHandle(complete=complete, stream=stream, ready=ok)
     reader = FakeHandle(predict=predict, ready=ok)
     pipeline = RagPipeline.func_or_class(
-        retriever, generator, reader, None, passage_budget=60, default_k=3,
+        retriever, generator, reader, tokenizer, passage_budget=60, default_k=3,
         generation={"max_new_tokens": 8},
     )  # fmt: skip
     return SimpleNamespace(pipeline=pipeline, generator=generator, reader=reader)
+
+
+@pytest.mark.parametrize("family", ["llama3_1", "qwen2_5"])
+def test_served_rag_prompt_carries_bos_where_training_does(family, tmp_path):
+    """The generator's prompt starts with BOS text exactly when the rag task's training rows
+    start with ``[BOS]`` (Llama-style tokenizers), so the served prompt is what was trained."""
+    from tasks.lm import bos_prefix
+    from tests.tasks.template_tokenizers import template_tokenizer
+
+    tok = template_tokenizer(family)
+    tok.save_pretrained(tmp_path)
+    fake = fake_pipeline("Titan [titan#0].", PASSAGES, tokenizer=str(tmp_path))
+    prompt, used = fake.pipeline.prompt("Which moon has methane lakes?", PASSAGES[:1])
+    assert used
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    bos = bos_prefix(tok)
+    assert ids[: len(bos)] == bos and ids.count(tok.bos_token_id) == len(bos)
+    if family == "llama3_1":
+        assert bos and prompt.startswith(tok.bos_token)
+    else:
+        assert not bos
 
 
 def test_pipeline_logic_with_an_injection_passage_and_invented_citations():
@@ -241,8 +264,8 @@ def rag_app(ray_session, tmp_path_factory, tiny_bert):
     from actors.modeling import build_model
     from actors.tiny import tiny_model_path
     from actors.vectorstore import QdrantOptions, VectorStore
-    from serve.app import TaskHead
     from serve.generator import generator_class
+    from serve.heads import TaskHead
     from serve.retriever import Retriever
     from tasks import get_task
 

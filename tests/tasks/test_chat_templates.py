@@ -341,3 +341,30 @@ def test_causal_rows_match_the_served_prompt_and_end_with_eos(family, task_name)
         target = task.target(row) if task_name != "rag" else None
         if target is not None:
             assert supervised[:-1] == tok(target, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_serving_stops_at_the_templates_end_of_turn(family):
+    """The token that closes an assistant turn ends generation even when it is not the EOS
+    (Gemma's ``<end_of_turn>``, Phi-3's ``<|end|>``): found from the template, not a list."""
+    from actors.generation import stop_token_ids
+    from tasks.dialogue import end_of_turn_tokens
+
+    spec = FAMILIES[family]
+    tok = template_tokenizer(family)
+    stops = stop_token_ids(tok, None)
+    assert tok.convert_tokens_to_ids(spec.end_of_turn) in stops
+    assert tok.eos_token_id in stops
+    expected = [] if spec.end_of_turn == spec.eos else [spec.end_of_turn]
+    assert end_of_turn_tokens(tok) == expected
+
+
+def test_no_chat_template_adds_no_stop_token():
+    from actors.generation import stop_token_ids
+    from actors.tiny import bpe_tokenizer
+    from tasks.dialogue import end_of_turn_tokens
+
+    tok = bpe_tokenizer(chat_template=None, specials=("<s>", "</s>", "<|end|>"), bos="<s>",
+                        eos="</s>", pad="</s>")  # fmt: skip
+    assert end_of_turn_tokens(tok) == []
+    assert stop_token_ids(tok, None) == [tok.eos_token_id]
