@@ -3,8 +3,9 @@ the loss falls, and the bundle reloads and predicts in the family's output shape
 
 One family per model kind and prompt style goes through `taskray train`'s driver with 2 Ray
 Train workers (FSDP2 on gloo); the families that share an engine path with one of those (NLI is
-pair classification, NER a token head over the same encoder path as extractive QA, generation
-and the other generative families prompt → target LMs like dialogue) train the same
+pair classification, NER a token head over the same encoder path as extractive QA, generation,
+decoder classification (label tokens) and the other generative families causal or seq2seq LMs
+like dialogue and summarization) train the same
 config's model in this process with the same step function (``actors.steps``) — each full run
 costs ~45 s of Ray start-up and the suite has a time budget."""
 
@@ -41,7 +42,6 @@ FAMILIES = {
 }
 THROUGH_RAY = [
     "dialogue",  # a causal LM with chat-template masks (generation shares its engine path)
-    "classification-decoder",
     "extractive-qa",  # one row → several windows through Ray Data
     "summarization",  # seq2seq
 ]
