@@ -14,7 +14,12 @@ from .classifier import run_classifier
 from .common import NUM_CPUS, RESULTS, serve_throughput_mode
 from .generator import measure_generation
 from .report import make_chart, print_generator_table, print_table
-from .workload import GEN_MAX_TOKENS
+from .workload import GEN_MAX_TOKENS, GEN_MODELS
+
+
+def generator_key(size: str) -> str:
+    """Where a model size's generator figures sit in the report (the toy's key predates sizes)."""
+    return "generator" if size == "toy" else f"generator_{size}"
 
 
 def main(description: str | None = None) -> None:
@@ -32,6 +37,12 @@ def main(description: str | None = None) -> None:
     parser.add_argument(
         "--max-tokens", type=int, default=GEN_MAX_TOKENS, help="generator: tokens per request"
     )
+    parser.add_argument(
+        "--gen-models",
+        default=None,
+        help=f"generator: comma-separated model sizes of {', '.join(GEN_MODELS)} "
+        "(default: all; with --smoke, toy)",
+    )
     parser.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
@@ -39,6 +50,10 @@ def main(description: str | None = None) -> None:
     if args.baseline_server:
         run_baseline_server(str(args.bundle), args.port, args.threads)
         return
+    sizes = (args.gen_models or ("toy" if args.smoke else ",".join(GEN_MODELS))).split(",")
+    unknown = [s for s in sizes if s not in GEN_MODELS]
+    if unknown:
+        parser.error(f"unknown --gen-models {unknown}; choose from {', '.join(GEN_MODELS)}")
     suffix = "-smoke" if args.smoke else ""
     json_path = RESULTS / f"serve_throughput{suffix}.json"
     report: dict[str, Any] = {}
@@ -50,9 +65,11 @@ def main(description: str | None = None) -> None:
             report.update(run_classifier(args))
             print_table(report)
         if args.only != "classifier":
-            print(f"generator (tiny llama, {args.max_tokens} tokens per request, streamed):")
-            report["generator"] = measure_generation(args.smoke, args.max_tokens)
-            print_generator_table(report["generator"])
+            for size in sizes:
+                print(f"generator ({size} llama, {args.max_tokens} tokens per request, streamed):")
+                gen = measure_generation(args.smoke, args.max_tokens, size)
+                report[generator_key(size)] = gen
+                print_generator_table(gen)
     finally:
         import ray
 

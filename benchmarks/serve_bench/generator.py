@@ -1,14 +1,15 @@
-"""The generator half: a tiny causal LM streamed over SSE from ``/v1/completions`` (continuous
+"""The generator half: causal LMs streamed over SSE from ``/v1/completions`` (continuous
 batching) vs ``generate`` and taskray's engine in this process, and a mixed load.
 
-The model: ``tiny:llama`` (``actors.tiny``: 2 layers, hidden size 64, a 600-token byte-level
-BPE) with random weights (seed 0), saved with its tokenizer as a plain HF model directory in a
-temporary directory, and two LoRA adapters over it (r=4 on q/v, random non-zero weights, so
-each changes the text). For these prompts the random weights rarely emit EOS, so most requests
-generate their full ``max_tokens`` (the JSON's finish reasons show it; nothing relies on it).
-A token costs the model about 1-2 ms on one thread, so the figures magnify the per-token cost
-of serving; a real model spends far more per token in the forward pass and the relative
-overhead shrinks accordingly.
+The models: ``tiny:llama`` (``actors.tiny``, a 600-token byte-level BPE) with random weights
+(seed 0), at two sizes (``workload.GEN_MODELS``): ``toy`` (2 layers, hidden size 64; about
+1-2 ms a token on one thread, so it magnifies the per-token cost of serving) and ``small`` (6
+layers, hidden size 384, 12M parameters; a batched decode step of 16 costs about what a 7B-13B
+model's does on one GPU, so the transport share is closer to a real deployment's). Each is
+saved with its tokenizer as a plain HF model directory in a temporary directory, with two LoRA
+adapters over it (r=4 on q/v, random non-zero weights, so each changes the text). For these
+prompts the random weights rarely emit EOS, so most requests generate their full
+``max_tokens`` (the JSON's finish reasons show it; nothing relies on it).
 
 - Serve: the ``writer`` generator of ``configs/serve-llm.yaml`` (its ``num_cpus``,
   ``scheduler`` and generation defaults; the other models, retrieval and autoscaling left out,
@@ -84,6 +85,7 @@ from .load import GenCell, _measure_stream
 from .workload import (
     ADAPTERS,
     GEN_CONCURRENCY,
+    GEN_MODELS,
     MIXED_CONCURRENCY,
     PROMPTS,
     mixed_jobs,
@@ -113,9 +115,10 @@ def _gen_threads() -> int:
 GEN_THREADS = _gen_threads()
 
 
-def build_tiny_lm(directory: Path) -> Path:
-    """A plain HF model directory (no taskray manifest): ``tiny:llama``'s config and tokenizer
-    with random weights (seed 0), saved as safetensors. ``tiny_model_path`` holds no weights."""
+def build_tiny_lm(directory: Path, size: str = "toy") -> Path:
+    """A plain HF model directory (no taskray manifest): ``tiny:llama``'s config with the
+    ``GEN_MODELS[size]`` overrides and its tokenizer, random weights (seed 0), saved as
+    safetensors. ``tiny_model_path`` holds no weights."""
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -126,7 +129,8 @@ def build_tiny_lm(directory: Path) -> Path:
     transformers.logging.disable_progress_bar()
     source = tiny_model_path("tiny:llama")
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    config = AutoConfig.from_pretrained(source, **GEN_MODELS[size])
+    model = AutoModelForCausalLM.from_config(config)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(directory)
@@ -238,10 +242,10 @@ def _print_cell(name: str, cell: GenCell) -> None:
     )
 
 
-def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
-    """The generator section: the tiny model (and two LoRA adapters) deployed from
-    configs/serve-llm.yaml, streamed over HTTP at each of ``GEN_CONCURRENCY`` and under the
-    mixed load, with in-process passes before each of those cells."""
+def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[str, Any]:
+    """The generator section for the model of ``GEN_MODELS[size]`` (and two LoRA adapters)
+    deployed from configs/serve-llm.yaml, streamed over HTTP at each of ``GEN_CONCURRENCY``
+    and under the mixed load, with in-process passes before each of those cells."""
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
@@ -249,7 +253,9 @@ def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
     timings: dict[str, float] = {}
     per_client = 3 if smoke else 24  # requests per client in each measured cell
     time_limit_s = 8.0 if smoke else 60.0
-    passes = 1 if smoke else 3  # in-process passes over the prompts before each Serve cell
+    # in-process passes over the prompts before each Serve cell (the small model's one pass
+    # costs as much time as the toy's three)
+    passes = 1 if smoke or size != "toy" else 3
     cells: dict[int, GenCell] = {}
     serve_info: dict[str, Any] = {}
     plain_jobs = [{"prompt": p, "model": "writer", "max_tokens": max_tokens, "stream": True}
@@ -258,7 +264,7 @@ def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
-        model_dir = build_tiny_lm(tmp / "tiny-llama")
+        model_dir = build_tiny_lm(tmp / "tiny-llama", size)
         adapters = build_adapters(model_dir, tmp)
         timings["model_s"] = time.perf_counter() - t0
         tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -314,8 +320,12 @@ def measure_generation(smoke: bool, max_tokens: int) -> dict[str, Any]:
         "max_tokens": sorted({j["max_tokens"] for j in mixed}),
         "streamed_share": sum(j["stream"] for j in mixed) / len(mixed),
     }
+    n_params = sum(p.numel() for p in ref.model.parameters())  # the base model's, adapters excluded
     return {
         "model": "tiny:llama config + tokenizer, random weights (seed 0), plain HF directory",
+        "size": size,
+        "config_overrides": GEN_MODELS[size],
+        "parameters": n_params,
         "engine": "continuous batching (actors.engine.ContinuousBatchingEngine)",
         "ray_serve_throughput_optimized": serve_throughput_mode(),
         "config": str(GEN_CONFIG.relative_to(ROOT)),

@@ -23,11 +23,8 @@ def make_chart(report: dict[str, Any], path: Path) -> None:
     except ImportError:
         print("(matplotlib not installed: no chart; pip install -e '.[bench]')")
         return
-    rows = [
-        r
-        for r in ("classifier", "generator")
-        if ("results" in report if r == "classifier" else "generator" in report)
-    ]
+    rows = ["classifier"] if "results" in report else []
+    rows += [k for k in report if k == "generator" or k.startswith("generator_")]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 2, figsize=(9.5, 3.8 * len(rows)), squeeze=False)
@@ -35,7 +32,7 @@ def make_chart(report: dict[str, Any], path: Path) -> None:
         if row == "classifier":
             _chart_classifier(report, left, right)
         else:
-            _chart_generator(report["generator"], left, right)
+            _chart_generator(report[row], left, right)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -103,11 +100,17 @@ def _chart_generator(gen: dict[str, Any], left: Any, right: Any) -> None:
         ax.legend(fontsize=7)
     right.set_yscale("log")
     left.set_title(
-        f"tiny llama, {gen['max_tokens']} tokens/request, greedy, "
+        f"{_model_name(gen)}, {gen['max_tokens']} tokens/request, greedy, "
         f"{gen['torch_threads']} torch thread",
         fontsize=9,
         loc="left",
     )
+
+
+def _model_name(gen: dict[str, Any]) -> str:
+    """``toy llama (0.2M)``; results written before model sizes existed were the toy's."""
+    params = gen.get("parameters")
+    return f"{gen.get('size', 'toy')} llama" + (f" ({params / 1e6:.1f}M)" if params else "")
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -172,7 +175,8 @@ def print_generator_table(gen: dict[str, Any]) -> None:
         return f"{value:.{digits}f}" if value is not None else "-"
 
     print(
-        f"\ntiny llama (random weights), {gen['max_tokens']} new tokens per request, greedy, "
+        f"\n{_model_name(gen)}, random weights, {gen['max_tokens']} new tokens per request, "
+        "greedy, "
         f"{gen['torch_threads']} torch thread(s), {gen['prompts']} prompts; TTFT = first "
         "non-empty text piece"
     )
