@@ -43,7 +43,7 @@ class SchedulerArgs(BaseModel):
         "text decoded in between goes out joined. 0 = every piece as it is decoded",
     )
     stream_messages_per_s: float = Field(
-        default=100,
+        default=40,
         ge=0,
         description="text items a second that all of a replica's streams send together: with "
         "more open streams than stream_messages_per_s × stream_interval_s, each stream's "

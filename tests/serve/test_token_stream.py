@@ -91,7 +91,16 @@ def test_the_interval_is_read_after_each_item():
 
 @pytest.mark.parametrize(
     ("open_streams", "budget", "expected"),
-    [(1, 100, 0.05), (4, 100, 0.05), (16, 100, 0.16), (32, 100, 0.32), (16, 0, 0.05)],
+    [
+        (1, 100, 0.05),
+        (4, 100, 0.05),
+        (16, 100, 0.16),
+        (32, 100, 0.32),
+        (16, 0, 0.05),
+        (1, 40, 0.05),
+        (4, 40, 0.1),
+        (16, 40, 0.4),  # the default budget
+    ],
 )
 def test_a_replica_widens_each_streams_interval_to_hold_its_message_budget(
     open_streams, budget, expected
