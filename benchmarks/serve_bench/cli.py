@@ -14,12 +14,7 @@ from .classifier import run_classifier
 from .common import NUM_CPUS, RESULTS, serve_throughput_mode
 from .generator import measure_generation
 from .report import make_chart, print_generator_table, print_table
-from .workload import GEN_MAX_TOKENS, GEN_MODELS
-
-
-def generator_key(size: str) -> str:
-    """Where a model size's generator figures sit in the report (the toy's key predates sizes)."""
-    return "generator" if size == "toy" else f"generator_{size}"
+from .workload import GEN_MAX_TOKENS, GEN_MODELS, generator_key
 
 
 def main(description: str | None = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .classifier import TORCH_THREADS
 from .common import NUM_CPUS, by_concurrency
-from .workload import CONCURRENCY, SYSTEMS
+from .workload import CONCURRENCY, GEN_MODELS, SYSTEMS, generator_key
 
 
 def make_chart(report: dict[str, Any], path: Path) -> None:
@@ -24,7 +24,7 @@ def make_chart(report: dict[str, Any], path: Path) -> None:
         print("(matplotlib not installed: no chart; pip install -e '.[bench]')")
         return
     rows = ["classifier"] if "results" in report else []
-    rows += [k for k in report if k == "generator" or k.startswith("generator_")]
+    rows += [generator_key(size) for size in GEN_MODELS if generator_key(size) in report]
     if not rows:
         return
     fig, axes = plt.subplots(len(rows), 2, figsize=(9.5, 3.8 * len(rows)), squeeze=False)
@@ -108,7 +108,7 @@ def _chart_generator(gen: dict[str, Any], left: Any, right: Any) -> None:
 
 
 def _model_name(gen: dict[str, Any]) -> str:
-    """``toy llama (0.2M)``; results written before model sizes existed were the toy's."""
+    """``toy llama (0.1M)``; results written before model sizes existed were the toy's."""
     params = gen.get("parameters")
     return f"{gen.get('size', 'toy')} llama" + (f" ({params / 1e6:.1f}M)" if params else "")
 
