@@ -302,17 +302,18 @@ class GeneratorBase:
         return out
 
     async def stream(self, prompt: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """``{"queued": id}`` once accepted, then text pieces as they are generated, then
-        ``{"done": Completion}``. Pieces that arrive while the caller is still reading the
-        previous one are sent as one (fewer, larger messages under load). Closing the stream
-        (a client that went away) frees the request's slot at the engine's next step."""
+        """``{"text": piece}`` items as the text is generated; the last item carries
+        ``"done"`` (the ``Completion``), with the last ``"text"`` when there is one. A refused
+        request (a full queue, a bad prompt) raises before the first item. Pieces that arrive
+        while the caller is still reading the previous one are sent as one (fewer, larger
+        messages under load). Closing the stream (a client that went away) frees the
+        request's slot at the engine's next step."""
         adapter = await self._adapter_for_request()
         if self.engine is not None:
             tokens = TokenStream(self.stream_interval)
             rid = self._submit(prompt, params, adapter, tokens.sink)
             self.open_streams += 1
             try:
-                yield {"queued": rid}
                 async for item in tokens.items():
                     yield item
             finally:
@@ -364,7 +365,8 @@ class TokenStream:
     interval: the first piece goes out at once; text decoded while the interval since the
     previous item runs goes out joined when it ends (every item costs a message through Ray to
     the ingress and on to the proxy, which on a busy CPU costs more than the tokens
-    themselves); the completion (or its error) goes out at once. ``sink`` runs on the event
+    themselves); the completion (or its error) goes out at once, in one item with the text
+    still held (one message, not two). ``sink`` runs on the event
     loop (the engine's dispatcher) and wakes the reader only when there is something to send,
     not at every decode step.
 
@@ -394,22 +396,23 @@ class TokenStream:
             self.wake.set()
 
     async def items(self) -> AsyncIterator[dict[str, Any]]:
-        """``{"text": ...}`` items, then ``{"done": Completion fields}`` (or the error)."""
+        """``{"text": ...}`` items; the last one carries ``"done"`` (the Completion's
+        fields), with ``"text"`` too when text was still held. An error is raised."""
         try:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
                 events, self.events = self.events, []
                 text = "".join(p for k, p in events if k == "text")
+                ends = {k: p for k, p in events if k in ("done", "error")}
+                if "done" in ends:
+                    yield {**({"text": text} if text else {}), "done": ends["done"].__dict__}
+                    return
                 if text:
                     yield {"text": text}
                     self.hold_until = self.loop.time() + self.interval_s()
-                for kind, payload in events:
-                    if kind == "error":
-                        raise payload
-                    if kind == "done":
-                        yield {"done": payload.__dict__}
-                        return
+                if "error" in ends:
+                    raise ends["error"]
         finally:
             if self.timer is not None:
                 self.timer.cancel()

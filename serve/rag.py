@@ -442,11 +442,11 @@ class RagPipeline:
         pieces: list[str] = []
         done: dict[str, Any] = {}
         stream = self.generator.options(stream=True).stream.remote(prompt, sampling)  # type: ignore[union-attr]
-        async for item in stream:
-            if "text" in item:
+        async for item in stream:  # the last item carries "done" (and maybe "text")
+            if item.get("text"):
                 pieces.append(item["text"])
                 yield {"text": item["text"]}
-            elif "done" in item:
+            if "done" in item:
                 done = item["done"]
         t3 = time.perf_counter()
         # The generator's final text is authoritative (it trims stop sequences).

@@ -16,6 +16,7 @@ from serve.ingress import IngressCore, is_vlm
 from serve.schemas import ChatMessage, ChatRequest, CompletionRequest
 
 log = logging.getLogger("ray.serve")
+DONE = "data: [DONE]\n\n"
 
 
 def openai_routes(api: FastAPI) -> type[IngressCore]:
@@ -106,32 +107,36 @@ def openai_routes(api: FastAPI) -> type[IngressCore]:
                 return f"data: {json.dumps({**body, 'choices': [choice]})}\n\n"
 
             stream = handle.options(stream=True).stream.remote(prompt, params)
-            # The generator's first item says it accepted the request: a full queue (503) or a
-            # bad request is answered with its status before any event is sent.
+            # The generator's first item comes with the first text: a full queue (503) or a
+            # bad request raises here, answered with its status before any event is sent.
             first = await stream.__anext__()
 
             async def events() -> Any:
+                # Each yield here is one message to the proxy: the role chunk goes with the
+                # first text, the finish chunk and [DONE] with the last.
                 finished = False
+                head = chunk(None, None, first=True) if chat else ""
                 try:
-                    if chat:
-                        yield chunk(None, None, first=True)
-                    pending = [] if "queued" in first else [first]
-                    async for item in _chain(pending, stream):
-                        if "text" in item:
-                            yield chunk(item["text"], None)
-                        elif "done" in item:
-                            yield chunk(None, item["done"]["finish_reason"])
+                    async for item in _chain([first], stream):
+                        out = head + (chunk(item["text"], None) if item.get("text") else "")
+                        head = ""
+                        if "done" in item:
+                            finished = True
+                            yield out + chunk(None, item["done"]["finish_reason"]) + DONE
+                            return
+                        if out:
+                            yield out
                     finished = True
                 except Exception as err:  # headers are sent: report in-band, then end
                     finished = True
                     log.exception("stream failed")
                     message = str(err).strip().splitlines()[0] if str(err).strip() else "error"
                     error = {"error": {"message": message[:300], "type": "error"}}
-                    yield f"data: {json.dumps(error)}\n\n"
+                    head += f"data: {json.dumps(error)}\n\n"
                 finally:
                     if not finished:  # the client went away: free the generator's slot now
                         stream.cancel()
-                yield "data: [DONE]\n\n"
+                yield head + DONE
 
             return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -33,7 +33,7 @@ async def _read(stream: TokenStream, feed: list[tuple[float, str, object]]) -> l
     return got
 
 
-def test_first_piece_at_once_then_joined_per_interval_and_done_at_once():
+def test_first_piece_at_once_then_joined_per_interval_and_done_at_once_with_held_text():
     async def main() -> list:
         stream = TokenStream(interval_s=0.2)
         feed = [(0.0, "text", "a"), *[(0.02, "text", c) for c in "bcdef"], (0.0, "done", DONE)]
@@ -43,6 +43,7 @@ def test_first_piece_at_once_then_joined_per_interval_and_done_at_once():
     texts = [item["text"] for _, item in got if "text" in item]
     assert texts == ["a", "bcdef"]  # the five later pieces arrived within one interval
     assert got[0][0] < 0.1  # the first piece did not wait
+    assert len(got) == 2  # the held text and the completion went as one item
     assert got[-1][1]["done"]["text"] == "abcdef"
     assert got[-1][0] < 0.2  # the completion flushed what was held, without waiting
 
@@ -54,8 +55,9 @@ def test_held_text_goes_out_when_the_interval_ends():
         return await _read(stream, feed)
 
     got = asyncio.run(main())
-    assert [item.get("text") for _, item in got[:2]] == ["a", "b"]
+    assert [item.get("text") for _, item in got] == ["a", "b", None]
     assert 0.08 < got[1][0] < 0.25  # "b" waited for the interval, not for the completion
+    assert got[2][1]["done"]["finish_reason"] == "length"  # nothing was held: done alone
 
 
 def test_zero_interval_sends_every_piece_and_errors_are_raised():
@@ -66,6 +68,27 @@ def test_zero_interval_sends_every_piece_and_errors_are_raised():
 
     with pytest.raises(IndexError, match="boom"):
         asyncio.run(main())
+
+
+def test_text_held_when_an_error_comes_is_sent_before_the_error_is_raised():
+    async def main() -> tuple[list, BaseException | None]:
+        stream = TokenStream(interval_s=1.0)
+        stream.sink("text", "a")
+        got: list = []
+        items = stream.items()
+        got.append(await items.__anext__())
+        stream.sink("text", "b")
+        stream.sink("error", IndexError("boom"))
+        try:
+            got.append(await items.__anext__())
+            await items.__anext__()
+        except IndexError as err:
+            return got, err
+        return got, None
+
+    got, err = asyncio.run(main())
+    assert got == [{"text": "a"}, {"text": "b"}]  # "b" was not lost to the error
+    assert isinstance(err, IndexError)
 
 
 def test_the_interval_is_read_after_each_item():
