@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -167,6 +168,9 @@ class ContinuousBatchingEngine:
         self.counters: Counter[str] = Counter()
         self.prefill_sizes: Counter[int] = Counter()
         self.decode_sizes: Counter[int] = Counter()
+        # Wall seconds the engine thread spent prefilling, decoding and waiting for work: how
+        # busy the replica's model is, and what share of it joins cost.
+        self.seconds: Counter[str] = Counter(prefill=0.0, decode=0.0, idle=0.0)
 
     # ----- public interface -------------------------------------------------------------------
     def submit(self, prompt: str, params: SamplingParams, adapter: str | None, sink: Sink) -> int:
@@ -216,7 +220,8 @@ class ContinuousBatchingEngine:
             self._cond.notify()
 
     def stats(self) -> dict[str, Any]:
-        """Queue and batch figures (``running`` and ``waiting`` are live counts)."""
+        """Queue and batch figures (``running`` and ``waiting`` are live counts; ``seconds``:
+        the engine thread's time prefilling, decoding and idle so far)."""
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
@@ -227,6 +232,7 @@ class ContinuousBatchingEngine:
             "cache_width": 0 if self._mask is None else int(self._mask.shape[1]),
             "prefill_batch_sizes": dict(self.prefill_sizes),
             "decode_batch_sizes": dict(self.decode_sizes),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             **dict(self.counters),
         }
 
@@ -244,8 +250,11 @@ class ContinuousBatchingEngine:
         while True:
             events: list[tuple[Sink, str, Any]] = []
             with self._cond:
-                while not self._waiting and not self._running and not self._closed:
-                    self._cond.wait()
+                if not self._waiting and not self._running and not self._closed:
+                    idle_since = time.perf_counter()
+                    while not self._waiting and not self._running and not self._closed:
+                        self._cond.wait()
+                    self.seconds["idle"] += time.perf_counter() - idle_since
                 if self._closed:
                     gone = [*self._waiting, *self._running]
                     self._waiting.clear()
@@ -260,10 +269,14 @@ class ContinuousBatchingEngine:
                     if self.prepare is not None:
                         names = {s.adapter for s in [*self._running, *admit] if s.adapter}
                         self.prepare(names)
+                    t0 = time.perf_counter()
                     if admit:
                         self._prefill(admit, events)
+                    t1 = time.perf_counter()
                     if self._running:
                         self._decode(events)
+                    self.seconds["prefill"] += t1 - t0
+                    self.seconds["decode"] += time.perf_counter() - t1
                     self._drop(events)
             except Exception as err:  # a failed decode step fails the batch it ran
                 log.exception("decode step failed")

@@ -45,7 +45,10 @@ count (and the number of tokens generated when the first and the last non-empty 
 appeared, recorded by a counting streamer) is then exact; a text that differs is counted as a
 mismatch and its tokens re-counted by re-tokenising it. Before measuring, one non-streamed
 request per prompt checks the text and ``usage.completion_tokens`` against the reference
-(``usage_check``). CPU time per token by process is recorded as for the classifier.
+(``usage_check``). CPU time per token by process is recorded as for the classifier, and the
+replica engine's own counters around each measured cell (``engine``: decode steps and their
+mean batch, prefills, the engine thread's busy share of the wall time and prefill's share of
+that), which tell a model that is short of work from one that is short of CPU.
 
 Ratios: Serve aggregate at ``c`` ÷ in-process ``batch{c}`` (target ≥ 0.7 at 4, 8 and 16),
 ``engine{c}`` ÷ ``batch{c}``,
@@ -102,6 +105,13 @@ def generator_model() -> dict[str, Any]:
     cfg = yaml.safe_load(GEN_CONFIG.read_text())
     models = cfg["applications"][0]["args"]["models"]
     return copy.deepcopy(next(m for m in models if m["name"] == "writer"))
+
+
+def app_name() -> str:
+    """The Serve application's name in configs/serve-llm.yaml."""
+    import yaml
+
+    return str(yaml.safe_load(GEN_CONFIG.read_text())["applications"][0]["name"])
 
 
 def _gen_threads() -> int:
@@ -234,10 +244,19 @@ def _print_cell(name: str, cell: GenCell) -> None:
     cs = cell.summary()
     errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
     mismatches = f", {cs['text_mismatches']} text mismatches" if cs["text_mismatches"] else ""
+    engine = cs.get("engine") or {}
+    if engine.get("mean_decode_batch") is not None:
+        engine_line = (
+            f"; engine: mean decode batch {engine['mean_decode_batch']:.1f}, busy "
+            f"{engine['busy_share']:.0%} of the time, prefill {engine['prefill_share_of_busy']:.0%}"
+            " of that"
+        )
+    else:
+        engine_line = ""
     print(
         f"  serve {name} c={cell.concurrency}: TTFT p50 {cs['ttft_p50_ms'] or float('nan'):.1f}"
         f" ms, {cs['aggregate_tok_s']:.0f} tok/s aggregate ({cs['ok']} in "
-        f"{cs['seconds']:.1f}s){errors}{mismatches}",
+        f"{cs['seconds']:.1f}s){errors}{mismatches}{engine_line}",
         flush=True,
     )
 
@@ -261,6 +280,14 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
     plain_jobs = [{"prompt": p, "model": "writer", "max_tokens": max_tokens, "stream": True}
                   for p in PROMPTS]  # fmt: skip
     mixed = mixed_jobs(max_tokens)
+
+    async def engine_stats() -> dict[str, Any]:
+        """The generator replica's engine counters (one replica is deployed)."""
+        from ray import serve
+
+        handle = serve.get_deployment_handle("generator-writer", app_name=app_name())
+        return (await handle.stats.remote())["engine"]
+
     with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
@@ -302,6 +329,7 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
                         per_client * width,
                         time_limit_s,
                         warmup_streams(width),
+                        engine_stats,
                     )
                 )
                 if c == "mixed":

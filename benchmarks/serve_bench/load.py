@@ -173,6 +173,7 @@ class GenCell:
     errors: Counter[str] = field(default_factory=Counter)
     error_samples: dict[str, str] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -193,7 +194,32 @@ class GenCell:
                 for k, v in sorted(self.cpu_s.items())
                 if self.tokens and v > 0
             },
+            **({"engine": self.engine} if self.engine else {}),
         }
+
+
+def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """What the replica's engine did between two ``stats()`` snapshots: decode steps and their
+    mean batch, prefill calls and the requests they took in, and its time (busy share of the
+    wall time; prefill share of the busy time)."""
+
+    def delta(key: str) -> dict[int, int]:
+        new = {int(k): v - before[key].get(k, 0) for k, v in after[key].items()}
+        return {k: v for k, v in new.items() if v}
+
+    decode, prefill = delta("decode_batch_sizes"), delta("prefill_batch_sizes")
+    steps = sum(decode.values())
+    secs = {k: after["seconds"][k] - before["seconds"].get(k, 0.0) for k in after["seconds"]}
+    busy = secs.get("prefill", 0.0) + secs.get("decode", 0.0)
+    return {
+        "decode_steps": steps,
+        "mean_decode_batch": sum(k * v for k, v in decode.items()) / steps if steps else None,
+        "prefill_calls": sum(prefill.values()),
+        "prefilled_requests": sum(k * v for k, v in prefill.items()),
+        "seconds": {k: round(v, 3) for k, v in secs.items()},
+        "busy_share": busy / wall_s if wall_s > 0 else None,
+        "prefill_share_of_busy": secs.get("prefill", 0.0) / busy if busy > 0 else None,
+    }
 
 
 async def _stream_one(client: httpx.AsyncClient, url: str, job: dict[str, Any]) -> dict[str, Any]:
@@ -297,17 +323,24 @@ async def _measure_stream(
     n_requests: int,
     time_limit_s: float,
     warmup: int,
+    engine_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
 ) -> GenCell:
+    """Warm up, then measure one cell; ``engine_stats`` (the replica's engine ``stats()``),
+    when given, is read around the measured part (``engine_figures``)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(limits=limits, timeout=120.0, headers=headers) as client:
         loop_args = (jobs, reference, count_tokens)
         await _gen_closed_loop(client, url, GenCell(concurrency), *loop_args, warmup, time_limit_s)
         cell = GenCell(concurrency)
+        engine_before = await engine_stats() if engine_stats is not None else None
         before = cpu_snapshot()
         await _gen_closed_loop(
             client, url, cell, *loop_args, n_requests, time_limit_s, offset=warmup
         )
         after = cpu_snapshot()
         cell.cpu_s = {k: v - before[k] for k, v in after.items() if k in before}
+        if engine_stats is not None and engine_before is not None:
+            engine_after = await engine_stats()
+            cell.engine = engine_figures(engine_before, engine_after, cell.seconds)
     return cell

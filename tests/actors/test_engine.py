@@ -139,8 +139,11 @@ def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
             assert "".join(rec.pieces) == done.text
             if done.finish_reason == "length":
                 assert done.completion_tokens == lengths[i]
-        sizes = engine.stats()["decode_batch_sizes"]
-        assert max(sizes) >= 3, sizes
+        stats = engine.stats()
+        assert max(stats["decode_batch_sizes"]) >= 3, stats
+        # the engine thread's time is accounted: it prefilled, decoded and waited for work
+        assert stats["seconds"]["prefill"] > 0 and stats["seconds"]["decode"] > 0, stats
+        assert stats["seconds"]["idle"] >= 0, stats
     finally:
         engine.close()
 
