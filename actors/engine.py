@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import time
+import unicodedata
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,11 @@ def _cjk(ch: str) -> bool:
         or 0xF900 <= cp <= 0xFAFF
         or 0x2F800 <= cp <= 0x2FA1F
     )
+
+
+def _plain(text: str) -> bool:
+    """Only letters, marks, digits and whitespace: ``TextStreamer`` prints such text at once."""
+    return all(ch.isspace() or unicodedata.category(ch)[0] in "LMN" for ch in text)
 
 
 def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -272,6 +278,9 @@ class ContinuousBatchingEngine:
                     t0 = time.perf_counter()
                     if admit:
                         self._prefill(admit, events)
+                        # Newcomers' first tokens go out now, not after the decode step.
+                        self._deliver(events)
+                        events = []
                     t1 = time.perf_counter()
                     if self._running:
                         self._decode(events)
@@ -506,13 +515,18 @@ class ContinuousBatchingEngine:
         return self.tokenizer.decode(seq.ids, skip_special_tokens=True)
 
     def _emit(self, seq: _Seq, text: str, events: list[tuple[Sink, str, Any]]) -> None:
-        """Hand over the text that can no longer change: like transformers' ``TextStreamer``,
-        up to the last space (a later token may still merge into the current word), all of it
-        after a newline or a CJK character, never half of a multi-byte character, and never
-        what could be the start of a stop sequence."""
+        """Hand over the text that can no longer change, by transformers' ``TextStreamer``
+        rule (5.x): all of it after a newline or a CJK character, or when the unsent text is
+        only letters, marks, digits and spaces (so words stream as they grow); otherwise up to
+        the last space (a symbol may start some formatting or be part of a character). Never
+        half of a multi-byte character, and never what could be the start of a stop
+        sequence."""
         if not text or text.endswith("\ufffd"):
             return
-        upto = len(text) if text.endswith("\n") or _cjk(text[-1]) else text.rfind(" ") + 1
+        if text.endswith("\n") or _cjk(text[-1]) or _plain(text[seq.sent :]):
+            upto = len(text)
+        else:
+            upto = text.rfind(" ") + 1
         if seq.params.stop:
             upto = min(upto, len(text) - (max(len(s) for s in seq.params.stop) - 1))
         if upto > seq.sent:

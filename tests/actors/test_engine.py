@@ -107,6 +107,40 @@ def test_greedy_alone_equals_generate(lm):
         engine.close()
 
 
+def test_pieces_are_those_of_transformers_text_streamer(lm):
+    """The engine hands text over where transformers' ``TextIteratorStreamer`` does (the same
+    pieces, in order, for the same greedy tokens), so a stream is as smooth as the library's
+    and its first piece comes no later."""
+    from transformers import TextIteratorStreamer
+
+    model, tok = lm
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        for prompt in PROMPTS:
+            rec = Recorder()
+            engine.submit(prompt, SamplingParams(max_new_tokens=NEW), None, rec)
+            done = rec.result()
+            enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+            streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+            with torch.no_grad():
+                model.generate(
+                    **enc,
+                    max_new_tokens=NEW,
+                    do_sample=False,
+                    streamer=streamer,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                )
+            want = [piece for piece in streamer if piece]
+            # The same pieces but the last: at its last token the engine sends all that is
+            # left as one piece, where the streamer hands that token's piece over and flushes
+            # the rest at its end.
+            assert rec.pieces[:-1] == want[: len(rec.pieces) - 1], prompt
+            assert "".join(rec.pieces) == "".join(want) == done.text
+    finally:
+        engine.close()
+
+
 def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
     """Requests join a running batch at different steps (each one's first piece submits the
     next), with different lengths and a sampled neighbour; each greedy output still equals
