@@ -240,27 +240,6 @@ async def _usage_check(
     }
 
 
-def _print_cell(name: str, cell: GenCell) -> None:
-    cs = cell.summary()
-    errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
-    mismatches = f", {cs['text_mismatches']} text mismatches" if cs["text_mismatches"] else ""
-    engine = cs.get("engine") or {}
-    if engine.get("mean_decode_batch") is not None:
-        engine_line = (
-            f"; engine: mean decode batch {engine['mean_decode_batch']:.1f}, busy "
-            f"{engine['busy_share']:.0%} of the time, prefill {engine['prefill_share_of_busy']:.0%}"
-            " of that"
-        )
-    else:
-        engine_line = ""
-    print(
-        f"  serve {name} c={cell.concurrency}: TTFT p50 {cs['ttft_p50_ms'] or float('nan'):.1f}"
-        f" ms, {cs['aggregate_tok_s']:.0f} tok/s aggregate ({cs['ok']} in "
-        f"{cs['seconds']:.1f}s){errors}{mismatches}{engine_line}",
-        flush=True,
-    )
-
-
 def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[str, Any]:
     """The generator section for the model of ``GEN_MODELS[size]`` (and two LoRA adapters)
     deployed from configs/serve-llm.yaml, streamed over HTTP at each of ``GEN_CONCURRENCY``
@@ -336,7 +315,7 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
                     mixed_cell = cell
                 else:
                     cells[c] = cell
-                _print_cell("mixed" if c == "mixed" else "stream", cell)
+                print(cell.report_line("mixed" if c == "mixed" else "stream"), flush=True)
     timings.update({k: serve_info.pop(k) for k in ("ray_start_s", "serve_ready_s")})
     timings["total_s"] = time.perf_counter() - started
     inproc = {**ref.summary(), "passes_per_cell": passes}

@@ -197,6 +197,25 @@ class GenCell:
             **({"engine": self.engine} if self.engine else {}),
         }
 
+    def report_line(self, name: str) -> str:
+        """One line for the console: TTFT, aggregate, errors, and the engine's figures."""
+        cs = self.summary()
+        errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
+        mismatches = f", {cs['text_mismatches']} text mismatches" if cs["text_mismatches"] else ""
+        engine = cs.get("engine") or {}
+        engine_line = ""
+        if engine.get("mean_decode_batch") is not None:
+            engine_line = (
+                f"; engine: mean decode batch {engine['mean_decode_batch']:.1f}, busy "
+                f"{engine['busy_share']:.0%} of the time, prefill "
+                f"{engine['prefill_share_of_busy']:.0%} of that"
+            )
+        return (
+            f"  serve {name} c={self.concurrency}: TTFT p50 "
+            f"{cs['ttft_p50_ms'] or float('nan'):.1f} ms, {cs['aggregate_tok_s']:.0f} tok/s "
+            f"aggregate ({cs['ok']} in {cs['seconds']:.1f}s){errors}{mismatches}{engine_line}"
+        )
+
 
 def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """What the replica's engine did between two ``stats()`` snapshots: decode steps and their
