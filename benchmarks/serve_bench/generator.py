@@ -259,12 +259,13 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
     plain_jobs = [{"prompt": p, "model": "writer", "max_tokens": max_tokens, "stream": True}
                   for p in PROMPTS]  # fmt: skip
     mixed = mixed_jobs(max_tokens)
+    app = app_name()
 
     async def engine_stats() -> dict[str, Any]:
         """The generator replica's engine counters (one replica is deployed)."""
         from ray import serve
 
-        handle = serve.get_deployment_handle("generator-writer", app_name=app_name())
+        handle = serve.get_deployment_handle("generator-writer", app_name=app)
         return (await handle.stats.remote())["engine"]
 
     with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:

@@ -202,7 +202,7 @@ class GenCell:
         cs = self.summary()
         errors = f", {cs['errors']} errors {cs['error_kinds']}" if cs["errors"] else ""
         mismatches = f", {cs['text_mismatches']} text mismatches" if cs["text_mismatches"] else ""
-        engine = cs.get("engine") or {}
+        engine = self.engine
         engine_line = ""
         if engine.get("mean_decode_batch") is not None:
             engine_line = (
@@ -352,14 +352,14 @@ async def _measure_stream(
         loop_args = (jobs, reference, count_tokens)
         await _gen_closed_loop(client, url, GenCell(concurrency), *loop_args, warmup, time_limit_s)
         cell = GenCell(concurrency)
-        engine_before = await engine_stats() if engine_stats is not None else None
+        engine_before = await engine_stats() if engine_stats is not None else {}
         before = cpu_snapshot()
         await _gen_closed_loop(
             client, url, cell, *loop_args, n_requests, time_limit_s, offset=warmup
         )
         after = cpu_snapshot()
         cell.cpu_s = {k: v - before[k] for k, v in after.items() if k in before}
-        if engine_stats is not None and engine_before is not None:
+        if engine_stats is not None:
             engine_after = await engine_stats()
             cell.engine = engine_figures(engine_before, engine_after, cell.seconds)
     return cell
