@@ -1,5 +1,6 @@
-"""Continuous (iteration-level) batching for causal LMs: one scheduler per replica owns the
-model; requests join the running batch between decode steps and leave as soon as they finish.
+"""Continuous (iteration-level) batching for causal LMs and T5-family encoder-decoders: one
+scheduler per replica owns the model; requests join the running batch between decode steps
+and leave as soon as they finish.
 
 Why a scheduler of our own: transformers' continuous batching (``generate_batch`` /
 ``ContinuousBatchingManager`` over a paged cache) is the library path, but on CPU it measured
@@ -13,6 +14,16 @@ dropped and leading all-padding columns trimmed. ``position_ids`` are each seque
 rotary/absolute embeddings are applied before caching, so padding never shifts a position; the
 2D attention mask hides the padding. The result is the same computation ``generate`` does for a
 left-padded batch.
+
+An encoder-decoder keeps an ``EncoderDecoderCache``: its decoder self-attention rows are joined
+and trimmed like a causal LM's, its cross-attention rows, encoder states and encoder mask are
+right-padded to the widest prompt (the encoder side is right-padded, as ``generate`` encodes
+seq2seq prompts). Decoders take no per-sequence positions, so only families whose decoder
+positions are relative (T5's bias over the query-key distance) can hold rows that started at
+different steps: left-padding shifts both ends of that distance alike. Absolute-position
+decoders (BART, Marian, Pegasus, ...) number positions from the batch's cache width, which a
+joined row would shift; ``engine_unsupported`` says so and the server keeps them on static
+batches.
 
 The engine behind the Serve generator is any object with the ``Engine`` interface (submit →
 events through a sink, cancel, stats, close): an external engine (vLLM through Ray Serve LLM on
@@ -122,16 +133,39 @@ def _plain(text: str) -> bool:
     return all(ch.isspace() or unicodedata.category(ch)[0] in "LMN" for ch in text)
 
 
-def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+def _pad(t: torch.Tensor, n: int, dim: int, left: bool = True) -> torch.Tensor:
     if n <= 0:
         return t
     shape = list(t.shape)
     shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    pad = t.new_zeros(shape)
+    return torch.cat([pad, t] if left else [t, pad], dim=dim)
+
+
+# Encoder-decoder families whose decoder attends with a bias over the query-key distance
+# (``compute_bias`` over cache columns) and takes no absolute positions: left-padding a joined
+# row's decoder cache leaves every distance, hence every output, unchanged (tested per family).
+RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
+
+
+def engine_unsupported(model: Any) -> str | None:
+    """Why ``ContinuousBatchingEngine`` cannot run ``model`` exactly, or None when it can."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    kind = getattr(config, "model_type", "?")
+    if kind in RELATIVE_DECODERS:
+        return None
+    return (
+        f"the '{kind}' decoder numbers positions from the batch's shared cache length, so a "
+        f"sequence joining mid-batch would get shifted positions (continuous batching covers "
+        f"the encoder-decoders {', '.join(sorted(RELATIVE_DECODERS))})"
+    )
 
 
 class ContinuousBatchingEngine:
-    """Iteration-level scheduler over a causal LM (see the module docstring).
+    """Iteration-level scheduler over a causal LM or a T5-family encoder-decoder (see the
+    module docstring; ``engine_unsupported`` names the models it refuses).
 
     One thread runs steps: admit waiting requests that fit the limits (FIFO) and prefill them,
     drop finished and cancelled rows, then one batched decode step for every running sequence.
@@ -149,6 +183,9 @@ class ContinuousBatchingEngine:
         limits: EngineLimits | None = None,
         prepare: Callable[[set[str]], None] | None = None,
     ) -> None:
+        reason = engine_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"continuous batching: {reason}")
         self.model, self.tokenizer = model, tokenizer
         self.limits = limits or EngineLimits()
         self.prepare = prepare  # called under ``lock`` with the adapters the next step uses
@@ -158,15 +195,21 @@ class ContinuousBatchingEngine:
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
         self._cache: Any = None
-        self._mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None  # decoder (self-attention) mask, left-padded
+        # Encoder-decoders only: the running rows' encoder states and mask, right-padded.
+        self._enc_out: torch.Tensor | None = None
+        self._enc_mask: torch.Tensor | None = None
         self._ids = itertools.count(1)
         self._closed = False
         self._thread: threading.Thread | None = None
         self._eos = set(stop_token_ids(tokenizer, model))
         config = getattr(model, "config", None)
-        self._max_positions = getattr(config, "max_position_embeddings", None) or getattr(
-            config, "n_positions", None
-        )
+        self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+        self._start = _decoder_start(model) if self._seq2seq else None
+        # A relative-position decoder has no position table to run past.
+        self._max_positions = None if self._seq2seq else (
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        )  # fmt: skip
         accepted = inspect.signature(self._base().forward).parameters
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
@@ -343,8 +386,8 @@ class ContinuousBatchingEngine:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, seqs: Sequence[_Seq], **kwargs: Any) -> torch.Tensor:
-        """The model's forward for these rows → logits of each row's last position."""
+    def _forward(self, seqs: Sequence[_Seq], **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The model's forward for these rows → (logits of each row's last position, output)."""
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel):
@@ -352,7 +395,7 @@ class ContinuousBatchingEngine:
         if self._keep_logits:
             kwargs["logits_to_keep"] = 1
         out = self.model(use_cache=True, return_dict=True, **kwargs)
-        return out.logits[:, -1, :].float()
+        return out.logits[:, -1, :].float(), out
 
     def _prefill(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
         """Prefill newcomers together; if that fails, one at a time, so a prompt that makes the
@@ -375,71 +418,114 @@ class ContinuousBatchingEngine:
         events += [(s.sink, "error", err) for s in seqs]
 
     def _prefill_rows(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
-        from transformers import DynamicCache
+        from transformers import DynamicCache, EncoderDecoderCache
 
         device = self._device()
-        width = max(len(s.prompt_ids) for s in seqs)
+        n, width = len(seqs), max(len(s.prompt_ids) for s in seqs)
         pad = self.tokenizer.pad_token_id
         pad = pad if pad is not None else 0
-        input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        input_ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
         for row, seq in enumerate(seqs):
-            n = len(seq.prompt_ids)
-            input_ids[row, width - n :] = torch.tensor(seq.prompt_ids)
-            mask[row, width - n :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-        cache = DynamicCache()
-        self.prefill_sizes[len(seqs)] += 1  # attempts: a failed prefill counts too
-        logits = self._forward(
-            seqs,
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            **{self._cache_arg: cache},
-        )
+            # causal prompts end at the same column (left-padded), encoder inputs start at 0
+            cols = (
+                slice(0, len(seq.prompt_ids))
+                if self._seq2seq
+                else slice(width - len(seq.prompt_ids), width)
+            )
+            input_ids[row, cols] = torch.tensor(seq.prompt_ids)
+            mask[row, cols] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        self.prefill_sizes[n] += 1  # attempts: a failed prefill counts too
+        if self._seq2seq:
+            # One forward encodes the prompts and takes each decoder's first step.
+            cache: Any = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            first = torch.full((n, 1), self._start, dtype=torch.long, device=device)
+            dec_mask = torch.ones((n, 1), dtype=torch.long, device=device)
+            logits, out = self._forward(
+                seqs, input_ids=input_ids, attention_mask=mask, decoder_input_ids=first,
+                decoder_attention_mask=dec_mask, **{self._cache_arg: cache},
+            )  # fmt: skip
+            self._join(cache, dec_mask, (out.encoder_last_hidden_state, mask))
+        else:
+            cache = DynamicCache()
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits, _ = self._forward(
+                seqs, input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                **{self._cache_arg: cache},
+            )  # fmt: skip
+            self._join(cache, mask)
         for seq in seqs:
-            seq.position = len(seq.prompt_ids) - 1  # the last prompt token's; _advance moves on
-        self._join(cache, mask)
+            # the position of the token just fed (_advance moves on): the last prompt
+            # token's, or the decoder start's
+            seq.position = 0 if self._seq2seq else len(seq.prompt_ids) - 1
         with self._cond:
             self._running.extend(seqs)
         self._advance(seqs, logits, events)
 
-    def _join(self, cache: Any, mask: torch.Tensor) -> None:
-        """Append new cache rows to the running batch, left-padding the narrower side."""
+    def _layers(self, cache: Any) -> tuple[list[Any], list[Any]]:
+        """(self-attention layers, cross-attention layers) of a cache."""
+        if self._seq2seq:
+            return cache.self_attention_cache.layers, cache.cross_attention_cache.layers
+        return cache.layers, []
+
+    def _join(
+        self, cache: Any, mask: torch.Tensor,
+        encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:  # fmt: skip
+        """Append new cache rows to the running batch: decoder sides left-padded to the wider
+        one, encoder sides (``encoded``: states and mask) right-padded."""
         if self._cache is None or self._mask is None or self._mask.shape[0] == 0:
             self._cache, self._mask = cache, mask
+            self._enc_out, self._enc_mask = encoded if encoded is not None else (None, None)
             return
-        old, new = self._mask.shape[1], mask.shape[1]
-        width = max(old, new)
-        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width - old, -2),
-                                   _pad_left(theirs.keys, width - new, -2)])  # fmt: skip
-            mine.values = torch.cat([_pad_left(mine.values, width - old, -2),
-                                     _pad_left(theirs.values, width - new, -2)])  # fmt: skip
-        self._mask = torch.cat([_pad_left(self._mask, width - old, 1),
-                                _pad_left(mask, width - new, 1)])  # fmt: skip
+        mine_self, mine_cross = self._layers(self._cache)
+        theirs_self, theirs_cross = self._layers(cache)
+
+        def cat(a: torch.Tensor, b: torch.Tensor, dim: int, left: bool) -> torch.Tensor:
+            wide = max(a.shape[dim], b.shape[dim])
+            return torch.cat([_pad(a, wide - a.shape[dim], dim, left),
+                              _pad(b, wide - b.shape[dim], dim, left)])  # fmt: skip
+
+        for mine, theirs in zip(mine_self, theirs_self, strict=True):
+            mine.keys = cat(mine.keys, theirs.keys, -2, left=True)
+            mine.values = cat(mine.values, theirs.values, -2, left=True)
+        self._mask = cat(self._mask, mask, 1, left=True)
+        if encoded is not None:
+            assert self._enc_out is not None and self._enc_mask is not None
+            for mine, theirs in zip(mine_cross, theirs_cross, strict=True):
+                mine.keys = cat(mine.keys, theirs.keys, -2, left=False)
+                mine.values = cat(mine.values, theirs.values, -2, left=False)
+            self._enc_out = cat(self._enc_out, encoded[0], 1, left=False)
+            self._enc_mask = cat(self._enc_mask, encoded[1], 1, left=False)
 
     def _decode(self, events: list[tuple[Sink, str, Any]]) -> None:
         """One token for every running sequence."""
         assert self._mask is not None
         seqs = list(self._running)
         device = self._device()
-        input_ids = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=device)
-        positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long, device=device)
+        tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], dim=1)
-        logits = self._forward(
-            seqs,
-            input_ids=input_ids,
-            attention_mask=self._mask,
-            position_ids=positions,
-            **{self._cache_arg: self._cache},
-        )
+        if self._seq2seq:
+            from transformers.modeling_outputs import BaseModelOutput
+
+            inputs: dict[str, Any] = {
+                "encoder_outputs": BaseModelOutput(last_hidden_state=self._enc_out),
+                "attention_mask": self._enc_mask,
+                "decoder_input_ids": tokens,
+                "decoder_attention_mask": self._mask,
+            }
+        else:
+            positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long,
+                                     device=device)  # fmt: skip
+            inputs = {"input_ids": tokens, "attention_mask": self._mask, "position_ids": positions}
+        logits, _ = self._forward(seqs, **inputs, **{self._cache_arg: self._cache})
         self.decode_sizes[len(seqs)] += 1
         self._advance(seqs, logits, events)
 
     def _drop(self, events: list[tuple[Sink, str, Any]]) -> None:
-        """Remove finished and cancelled rows from the batch and trim leading padding."""
+        """Remove finished and cancelled rows from the batch and trim the padding no row
+        needs any more (leading decoder columns, trailing encoder columns)."""
         with self._cond:
             keep = [i for i, s in enumerate(self._running) if not (s.cancelled or s.done)]
             self.counters["cancelled"] += sum(s.cancelled and not s.done for s in self._running)
@@ -449,17 +535,28 @@ class ContinuousBatchingEngine:
         if not keep:
             self._reset_cache()
             return
+        assert self._mask is not None
         index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
         self._mask = self._mask.index_select(0, index)
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
         self._mask = self._mask[:, start:]
-        for layer in self._cache.layers:
+        self_layers, cross_layers = self._layers(self._cache)
+        for layer in self_layers:
             layer.keys = layer.keys.index_select(0, index)[:, :, start:]
             layer.values = layer.values.index_select(0, index)[:, :, start:]
+        if self._enc_mask is not None and self._enc_out is not None:
+            self._enc_mask = self._enc_mask.index_select(0, index)
+            end = int(self._enc_mask.any(dim=0).nonzero().max()) + 1
+            self._enc_mask = self._enc_mask[:, :end]
+            self._enc_out = self._enc_out.index_select(0, index)[:, :end]
+            for layer in cross_layers:
+                layer.keys = layer.keys.index_select(0, index)[:, :, :end]
+                layer.values = layer.values.index_select(0, index)[:, :, :end]
 
     def _reset_cache(self) -> None:
         self._cache, self._mask = None, None
+        self._enc_out, self._enc_mask = None, None
 
     # ----- tokens → text ------------------------------------------------------------------------
     def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
@@ -549,6 +646,22 @@ class ContinuousBatchingEngine:
         events.append((seq.sink, "done", done))
         seq.done = True  # leaves the batch at the next _drop
         self.counters["finished"] += 1
+
+
+def _decoder_start(model: Any) -> int:
+    """The token an encoder-decoder's decoder starts from (as ``generate`` picks it)."""
+    config = model.config
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "bos_token_id", None)
+    if start is None:
+        raise ValueError(
+            "continuous batching: the model's config has no decoder_start_token_id; set it in "
+            "config.json"
+        )
+    return int(start)
 
 
 def wait_result(engine: Engine, prompt: str, params: SamplingParams, adapter: str | None = None,

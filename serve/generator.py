@@ -1,12 +1,14 @@
 """The generator deployment: a causal or seq2seq LM (a bundle or a plain HF model directory)
 with LoRA adapters multiplexed per request and token streaming.
 
-A causal LM is driven by one continuous-batching engine per replica
-(``actors.engine.ContinuousBatchingEngine``): every request — streamed or not, any sampling
-settings, any adapter — joins the running batch between decode steps and leaves when it is
-done. Its queue is bounded (``scheduler`` in the served model's config): a request past it is
-refused with ``EngineOverloaded``, which the ingress answers with 503 + Retry-After. A
-seq2seq LM keeps static batches (``@serve.batch``, equal settings per ``generate`` call).
+A causal LM or a T5-family encoder-decoder is driven by one continuous-batching engine per
+replica (``actors.engine.ContinuousBatchingEngine``): every request — streamed or not, any
+sampling settings, any adapter — joins the running batch between decode steps and leaves when
+it is done. Its queue is bounded (``scheduler`` in the served model's config): a request past
+it is refused with ``EngineOverloaded``, which the ingress answers with 503 + Retry-After. An
+encoder-decoder with absolute decoder positions (BART, Marian, Pegasus, ...: see
+``actors.engine.engine_unsupported``) keeps static batches (``@serve.batch``, equal settings
+per ``generate`` call) and runs each stream alone.
 
 Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
 adapter to replicas that already hold it and evicts the least recently used one past
@@ -15,6 +17,7 @@ different adapters share the engine's batch (PEFT's mixed-adapter forward).
 """
 
 import asyncio
+import logging
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -23,9 +26,11 @@ from typing import Any
 
 from ray import serve
 
-from actors.engine import ContinuousBatchingEngine, EngineLimits
+from actors.engine import ContinuousBatchingEngine, EngineLimits, engine_unsupported
 from actors.generation import Completion, SamplingParams, generate_batch, stream_generate
 from serve.config import ServedModel, replica_device
+
+log = logging.getLogger(__name__)
 
 
 def load_generative(path: str, task_name: str | None, device: str) -> dict[str, Any]:
@@ -90,7 +95,10 @@ class GeneratorBase:
         self.task, self.model, self.tokenizer = loaded["task"], loaded["model"], loaded["tokenizer"]
         self.seq2seq = loaded["kind"] == "seq2seq_lm"
         self.engine: ContinuousBatchingEngine | None = None
-        if not self.seq2seq:
+        static = engine_unsupported(self.model)
+        if static is not None:
+            log.warning("%s: static batches, not continuous batching: %s", self.spec.name, static)
+        else:
             self.engine = ContinuousBatchingEngine(
                 self.model, self.tokenizer, self._limits(self.spec.scheduler.model_dump()),
                 prepare=self._prepare_adapters,
@@ -207,8 +215,8 @@ class GeneratorBase:
         return True
 
     def stats(self) -> dict[str, Any]:
-        """Batch sizes run (prefills that joined the running batch, for a causal LM), adapters
-        held and, for a causal LM, the engine's queue and batch figures."""
+        """Batch sizes run (prefills that joined the running batch, under the engine), adapters
+        held and, under the engine, its queue and batch figures."""
         out: dict[str, Any] = {"adapters": list(self.loaded_adapters)}
         if self.engine is None:
             return {"batch_sizes": dict(self.batch_sizes), **out}
@@ -247,7 +255,7 @@ class GeneratorBase:
         return self.engine.submit(prompt, SamplingParams(**params), adapter, sink)
 
     async def complete(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
-        """One prompt → one completion (it joins the running batch; a seq2seq model's
+        """One prompt → one completion (it joins the running batch; without the engine,
         concurrent calls are batched by ``generate``)."""
         adapter = await self._adapter_for_request()
         if self.engine is not None:

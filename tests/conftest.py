@@ -126,6 +126,25 @@ def tiny_lm_dir(directory: Path) -> Path:
     return directory
 
 
+def tiny_seq2seq_dir(directory: Path) -> Path:
+    """A plain HF encoder-decoder directory: ``tiny:t5``'s config with random weights (seed 0)
+    drawn 5x wider than T5's init (at T5's own scale two layers decode one token over and over,
+    which would make equality checks vacuous), saved as safetensors with its tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    source = tiny_model_path("tiny:t5")
+    config = AutoConfig.from_pretrained(source)
+    config.initializer_factor = 5.0
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
+    return directory
+
+
 def lora_adapter(base: Path, directory: Path, seed: int) -> Path:
     """A LoRA adapter over ``base`` with random (non-zero) weights, so each one changes the
     output."""

@@ -1,8 +1,9 @@
 """The continuous-batching engine (no Ray): greedy output equals ``model.generate`` token for
-token alone and inside a busy batch that requests join and leave mid-decode (a rotary llama and
-a GPT-2 with learned positions, where an off-by-one position changes the text), mixed LoRA
-adapters in one batch, per-request seeds, stop sequences, bounded queue and KV budget,
-cancellation, and a failing prompt that fails alone."""
+token alone and inside a busy batch that requests join and leave mid-decode (a rotary llama, a
+GPT-2 with learned positions, where an off-by-one position changes the text, and T5-family
+encoder-decoders with a pronounced relative position bias), mixed LoRA adapters in one batch,
+per-request seeds, stop sequences, bounded queue and KV budget, cancellation, a failing prompt
+that fails alone, and the refusal of absolute-position encoder-decoders (shown to be needed)."""
 
 from __future__ import annotations
 
@@ -43,9 +44,52 @@ def _gpt2(n_positions: int = 128) -> tuple[Any, Any]:
     return tiny_gpt2(n_positions)
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def _seq2seq(kind: str = "t5", position_scale: float = 30.0) -> tuple[Any, Any]:
+    """A tiny random encoder-decoder of ``kind`` (T5-shaped configs, the project's tiny
+    tokenizer; T5 weights drawn 5x wider than T5's init, which with 2 layers decodes one
+    token over and over) with its position weights scaled by ``position_scale``."""
+    import transformers
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny:t5"))
+    ids = {
+        "vocab_size": len(tok),
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "decoder_start_token_id": tok.pad_token_id,
+    }
+    if kind == "bart":
+        config: Any = transformers.BartConfig(
+            d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+            max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
+            bos_token_id=tok.pad_token_id, forced_eos_token_id=None, **ids,
+        )  # fmt: skip
+    else:
+        classes = {
+            "t5": transformers.T5Config,
+            "mt5": transformers.MT5Config,
+            "umt5": transformers.UMT5Config,
+            "longt5": transformers.LongT5Config,
+        }
+        config = classes[kind](
+            d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+            dropout_rate=0.0, initializer_factor=5.0, **ids,
+        )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "relative_attention_bias" in name or "embed_positions" in name:
+                weight.mul_(position_scale)
+    return model, tok
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "t5"])
 def lm(request) -> tuple[Any, Any]:
-    return _llama() if request.param == "llama" else _gpt2()
+    return {"llama": _llama, "gpt2": _gpt2, "t5": _seq2seq}[request.param]()
 
 
 def reference(model: Any, tok: Any, prompt: str, new: int = NEW) -> list[int]:
@@ -59,7 +103,9 @@ def reference(model: Any, tok: Any, prompt: str, new: int = NEW) -> list[int]:
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-    ids = out[0, enc["input_ids"].shape[1] :].tolist()
+    # an encoder-decoder's output starts at its decoder start token, a causal LM's at the prompt
+    seq2seq = model.config.is_encoder_decoder
+    ids = out[0, 1 if seq2seq else enc["input_ids"].shape[1] :].tolist()
     return ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
 
 
@@ -182,8 +228,9 @@ def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
         engine.close()
 
 
-def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch():
-    model, tok = _llama()
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(kind):
+    model, tok = _llama() if kind == "llama" else _seq2seq()
     engine = ContinuousBatchingEngine(model, tok)
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=11)
     try:
@@ -222,29 +269,31 @@ def test_stop_sequence_is_trimmed_and_never_streamed(lm):
         engine.close()
 
 
-def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path):
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
     """Base, adapter a and adapter b in one running batch (PEFT's mixed-adapter forward):
     each output equals PEFT's own ``generate`` with only that adapter active."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    model, tok = _llama()
+    model, tok = _llama() if kind == "llama" else _seq2seq()
+    auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSeq2SeqLM
+    targets = ["q_proj", "v_proj"] if kind == "llama" else ["q", "v"]
     model.save_pretrained(tmp_path / "base")
     for name, seed in (("a", 1), ("b", 2)):
         torch.manual_seed(seed)
-        fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-        config = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
-                            init_lora_weights=False)  # fmt: skip
+        fresh = auto.from_pretrained(tmp_path / "base")
+        config = LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False)
         get_peft_model(fresh, config).save_pretrained(tmp_path / name)
 
     def alone(adapter: str | None) -> list[int]:
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        base = auto.from_pretrained(tmp_path / "base").eval()
         if adapter is None:
             return reference(base, tok, PROMPTS[0])
         return reference(PeftModel.from_pretrained(base, tmp_path / adapter).eval(), tok,
                          PROMPTS[0])  # fmt: skip
 
-    served = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    served = auto.from_pretrained(tmp_path / "base").eval()
     served = PeftModel.from_pretrained(served, tmp_path / "a", adapter_name="a")
     served.load_adapter(tmp_path / "b", adapter_name="b")
     served.eval()
@@ -259,6 +308,70 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path):
         for name, ids in outputs.items():
             assert ids == alone(name)[: len(ids)], name
         assert outputs["a"] != outputs["b"] != outputs[None]
+    finally:
+        engine.close()
+
+
+def _staggered_joins(engine: ContinuousBatchingEngine, lengths: list[int]) -> list[Completion]:
+    """Submit ``PROMPTS`` (cycled) with these token budgets, each once the engine has taken a
+    decode step since the previous one, so every request joins a batch already running; their
+    completions, in order."""
+    recorders = [Recorder() for _ in lengths]
+    for i, rec in enumerate(recorders):
+        steps = sum(engine.stats()["decode_batch_sizes"].values())
+        engine.submit(PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=lengths[i]),
+                      None, rec)  # fmt: skip
+        deadline = time.monotonic() + 30
+        while sum(engine.stats()["decode_batch_sizes"].values()) <= steps:
+            assert time.monotonic() < deadline, "the engine took no decode step"
+            time.sleep(0.001)
+    return [rec.result() for rec in recorders]
+
+
+@pytest.mark.parametrize("kind", ["mt5", "umt5", "longt5"])
+def test_every_relative_position_encoder_decoder_joins_exactly(kind):
+    """The other families ``RELATIVE_DECODERS`` admits (T5 itself runs every ``lm`` test):
+    rows that joined at different steps each decode as ``generate`` alone."""
+    from actors.engine import RELATIVE_DECODERS
+
+    assert kind in RELATIVE_DECODERS
+    model, tok = _seq2seq(kind)
+    engine = ContinuousBatchingEngine(model, tok)
+    lengths = [NEW, 6, NEW, 12, 3, 20, 9, NEW]
+    try:
+        for i, done in enumerate(_staggered_joins(engine, lengths)):
+            want = reference(model, tok, PROMPTS[i % len(PROMPTS)], lengths[i])
+            assert done.token_ids == want[: len(done.token_ids)], (kind, i)
+        assert max(engine.stats()["decode_batch_sizes"]) >= 3
+    finally:
+        engine.close()
+
+
+def test_absolute_position_encoder_decoders_are_refused_and_that_is_needed(monkeypatch):
+    """BART numbers decoder positions from the batch's shared cache width: the engine refuses
+    it with the reason (the server then keeps static batches), and forcing it in shows why —
+    a row that joins a running batch decodes differently from ``generate`` alone."""
+    import actors.engine as engine_module
+    from actors.engine import engine_unsupported
+
+    model, tok = _seq2seq("bart", position_scale=50.0)
+    reason = engine_unsupported(model)
+    assert reason is not None and "'bart'" in reason and "t5" in reason
+    with pytest.raises(ValueError, match="continuous batching: the 'bart' decoder"):
+        ContinuousBatchingEngine(model, tok)
+    assert engine_unsupported(_llama()[0]) is None and engine_unsupported(_seq2seq()[0]) is None
+
+    monkeypatch.setattr(engine_module, "RELATIVE_DECODERS", frozenset({"bart"}))
+    engine = ContinuousBatchingEngine(model, tok)
+    lengths = [NEW, NEW, NEW, NEW]
+    try:
+        outputs = _staggered_joins(engine, lengths)
+        wrong = [
+            i
+            for i, done in enumerate(outputs)
+            if done.token_ids != reference(model, tok, PROMPTS[i], NEW)[: len(done.token_ids)]
+        ]
+        assert wrong, "every joined BART row decoded as alone: the refusal would be needless"
     finally:
         engine.close()
 

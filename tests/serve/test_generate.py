@@ -1,6 +1,7 @@
 """The generator through Ray Serve on loopback: OpenAI-compatible routes (with the official
 `openai` package), streaming, multi-LoRA with LRU eviction, greedy equality with in-process
-`generate`, stop sequences, limits, and generative task routes."""
+`generate` (a causal LM and a T5 encoder-decoder, both under continuous batching), stop
+sequences, limits, and generative task routes."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import app_config, deployed_app, lora_adapter, tiny_lm_dir
+from tests.conftest import app_config, deployed_app, lora_adapter, tiny_lm_dir, tiny_seq2seq_dir
 
 pytestmark = pytest.mark.ray
 
@@ -54,6 +55,12 @@ def generator_app(ray_session, tmp_path_factory):
                 "generation": {"max_new_tokens": MAX_NEW},
                 "scheduler": {"max_running": 1, "max_queued": 1},
             },
+            {  # an encoder-decoder: summarization and translation models are often T5s
+                "name": "tiny-t5",
+                "bundle": str(tiny_seq2seq_dir(tmp / "t5")),
+                "num_cpus": 0.2,
+                "generation": {"max_new_tokens": MAX_NEW},
+            },
         ],
     }
     with deployed_app(app_config(args), tmp, timeout_s=180) as url:
@@ -65,12 +72,23 @@ def _post(url: str, path: str, body: dict, key: str | None = API_KEY) -> httpx.R
     return httpx.post(f"{url}{path}", json=body, headers=headers, timeout=60)
 
 
-def _reference(base: Path, prompt: str, adapter: str | None = None) -> str:
-    """In-process greedy ``generate`` on the same weights and prompt."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _stream_text(url: str, payload: dict) -> str:
+    with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:  # fmt: skip
+        assert response.status_code == 200, response.read()
+        events = [e[6:] for e in response.iter_lines() if e.startswith("data: {")]
+    return "".join(json.loads(e)["choices"][0]["text"] for e in events)
+
+
+def _reference(base: Path, prompt: str, adapter: str | None = None, new: int = MAX_NEW) -> str:
+    """In-process greedy ``generate`` on the same weights and prompt (a causal LM's or an
+    encoder-decoder's, as the directory's config says)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    seq2seq = AutoConfig.from_pretrained(base).is_encoder_decoder
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = auto.from_pretrained(base).eval()
     if adapter is not None:
         from peft import PeftModel
 
@@ -79,15 +97,15 @@ def _reference(base: Path, prompt: str, adapter: str | None = None) -> str:
     with torch.no_grad():
         out = model.generate(
             **ids,
-            max_new_tokens=MAX_NEW,
+            max_new_tokens=new,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
         )
-    new = out[0, ids["input_ids"].shape[1] :].tolist()
-    if tok.eos_token_id in new:
-        new = new[: new.index(tok.eos_token_id)]
-    return tok.decode(new, skip_special_tokens=True)
+    new_ids = out[0, 0 if seq2seq else ids["input_ids"].shape[1] :].tolist()
+    if tok.eos_token_id in new_ids:
+        new_ids = new_ids[: new_ids.index(tok.eos_token_id)]
+    return tok.decode(new_ids, skip_special_tokens=True)
 
 
 def test_greedy_completion_equals_in_process_generate(generator_app):
@@ -257,12 +275,9 @@ def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
     def run(job: tuple[str, bool]) -> str:
         name, stream = job
         payload = {"model": name, "prompt": PROMPT, "stream": stream}
-        if not stream:
-            return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
-        with httpx.stream("POST", f"{url}/v1/completions", json=payload, timeout=60,
-                          headers={"Authorization": f"Bearer {API_KEY}"}) as response:  # fmt: skip
-            events = [e[6:] for e in response.iter_lines() if e.startswith("data: {")]
-        return "".join(json.loads(e)["choices"][0]["text"] for e in events)
+        if stream:
+            return _stream_text(url, payload)
+        return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
 
     before = _engine("tiny-lm")["decode_batch_sizes"]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -273,6 +288,33 @@ def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
         assert text == _reference(base, PROMPT, adapter), name
     grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
     assert max(grown) > 1, (before, after)  # they did share decode steps
+
+
+def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(generator_app):
+    """A T5 behind the same routes runs on the continuous-batching engine: streamed and
+    non-streamed requests with different token budgets, sent together, share decode steps,
+    and each text equals in-process seq2seq ``generate`` alone."""
+    url, base = generator_app
+    prompts = [PROMPT, "Translate to French: the train is late.", "Summarize: rain all week."]
+    jobs = [(p, stream, n) for p, n in zip(prompts, (MAX_NEW, 5, 9), strict=True)
+            for stream in (False, True)]  # fmt: skip
+
+    def run(job: tuple[str, bool, int]) -> str:
+        prompt, stream, new = job
+        payload = {"model": "tiny-t5", "prompt": prompt, "max_tokens": new, "stream": stream}
+        if stream:
+            return _stream_text(url, payload)
+        return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
+
+    before = _engine("tiny-t5")["decode_batch_sizes"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(run, jobs))
+    after = _engine("tiny-t5")["decode_batch_sizes"]
+    for (prompt, stream, new), text in zip(jobs, texts, strict=True):
+        assert text == _reference(base.parent / "t5", prompt, new=new), (prompt, stream)
+    assert any(texts)
+    grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
+    assert max(grown) > 1, (before, after)
 
 
 def test_generative_task_route(generator_app):
