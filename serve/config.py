@@ -21,7 +21,8 @@ class GenerationDefaults(BaseModel):
 
 
 class SchedulerArgs(BaseModel):
-    """The continuous-batching engine of a causal-LM generator replica (hot: ``user_config``).
+    """The continuous-batching engine of a generator replica: a causal LM or a T5-family
+    encoder-decoder (hot: ``user_config``).
     Budgets are reserved whole when a request joins (prompt + its max tokens), so a running
     request is never preempted; past ``max_queued`` waiting requests the server answers 503."""
 
@@ -75,11 +76,15 @@ class ServedModel(BaseModel):
     )
     max_adapters: int = Field(default=4, ge=1, description="adapters held per replica (LRU)")
     max_batch_size: int = Field(
-        default=32, ge=1, le=1024, description="static batches (heads, seq2seq generators)"
+        default=32,
+        ge=1,
+        le=1024,
+        description="static batches (heads, BART-like seq2seq generators)",
     )
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=5)
     scheduler: SchedulerArgs = Field(
-        default_factory=SchedulerArgs, description="continuous batching of causal-LM generators"
+        default_factory=SchedulerArgs,
+        description="continuous batching of causal-LM and T5-family generators",
     )
     generation: GenerationDefaults = GenerationDefaults()
     device: str = "auto"

@@ -237,43 +237,18 @@ class InProcess:
     def _engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
         """taskray's continuous-batching engine in this process, no Serve: ``width`` closed-loop
         clients (each submits its next prompt when its previous one is done) → tokens, s."""
-        import threading
-
         from actors.engine import ContinuousBatchingEngine
-        from actors.generation import SamplingParams
+
+        def check(prompt: str, text: str | None) -> None:
+            ref = self.reference[(prompt, "writer", self.max_tokens)]["text"]
+            self.engine_mismatches += text != ref
 
         engine = ContinuousBatchingEngine(self.model, self.tok)
-        params = SamplingParams(max_new_tokens=self.max_tokens)
-        lock, finished = threading.Lock(), threading.Event()
-        state = {"issued": 0, "done": 0, "tokens": 0}
-
-        def submit() -> None:
-            prompt = self.prompts[state["issued"] % len(self.prompts)]
-            state["issued"] += 1
-            engine.submit(prompt, params, None, lambda k, p, q=prompt: on_event(k, p, q))
-
-        def on_event(kind: str, payload: Any, prompt: str) -> None:
-            if kind == "text":
-                return
-            with lock:
-                state["done"] += 1
-                if kind == "done":
-                    state["tokens"] += payload.completion_tokens
-                    ref = self.reference[(prompt, "writer", self.max_tokens)]["text"]
-                    self.engine_mismatches += payload.text != ref
-                if state["issued"] < n_requests:
-                    submit()
-                elif state["done"] == n_requests:
-                    finished.set()
-
-        t0 = time.perf_counter()
-        with lock:
-            for _ in range(width):
-                submit()
-        finished.wait(300)
-        seconds = time.perf_counter() - t0
-        engine.close()
-        return state["tokens"], seconds
+        try:
+            return engine_closed_loop(engine, self.prompts, self.max_tokens, width, n_requests,
+                                      check)  # fmt: skip
+        finally:
+            engine.close()
 
     def run(self, passes: int) -> None:
         """``passes`` times: each prompt streamed and plain, and one batch of each width (by
@@ -324,3 +299,44 @@ class InProcess:
                 "text_mismatches": self.engine_mismatches,
             }
         return out
+
+
+def engine_closed_loop(engine: Any, prompts: list[str], max_tokens: int, width: int,
+                       n_requests: int, check: Any) -> tuple[int, float]:  # fmt: skip
+    """``width`` closed-loop clients on ``engine`` (each submits its next prompt, cycling
+    ``prompts``, when its previous one is done), ``n_requests`` greedy requests in all →
+    (tokens generated, wall seconds). ``check(prompt, text)`` sees each completion's text
+    (None for a request that failed)."""
+    import threading
+
+    from actors.generation import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_tokens)
+    lock, finished = threading.Lock(), threading.Event()
+    state = {"issued": 0, "done": 0, "tokens": 0}
+
+    def submit() -> None:
+        prompt = prompts[state["issued"] % len(prompts)]
+        state["issued"] += 1
+        engine.submit(prompt, params, None, lambda k, p, q=prompt: on_event(k, p, q))
+
+    def on_event(kind: str, payload: Any, prompt: str) -> None:
+        if kind == "text":
+            return
+        with lock:
+            state["done"] += 1
+            if kind == "done":
+                state["tokens"] += payload.completion_tokens
+            check(prompt, payload.text if kind == "done" else None)
+            if state["issued"] < n_requests:
+                submit()
+            elif state["done"] == n_requests:
+                finished.set()
+
+    t0 = time.perf_counter()
+    with lock:
+        for _ in range(width):
+            submit()
+    if not finished.wait(600):
+        raise TimeoutError(f"engine at width {width}: {n_requests} requests not done in 600 s")
+    return state["tokens"], time.perf_counter() - t0

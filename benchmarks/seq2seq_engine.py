@@ -1,0 +1,177 @@
+"""Continuous batching for an encoder-decoder, in process: taskray's engine
+(``actors.engine.ContinuousBatchingEngine``) against ``model.generate`` on a T5-shaped model
+with random weights, one CPU thread, greedy decoding.
+
+    python benchmarks/seq2seq_engine.py            # ~2 minutes on 2 cores
+    python benchmarks/seq2seq_engine.py --smoke    # seconds; what CI runs
+
+For each width w in 1, 4, 8, 16 it measures:
+- ``static``: ``generate`` over w prompts at once (right-padded encoder inputs), tokens/s: what
+  static batching reaches when w requests happen to arrive together;
+- ``engine``: w closed-loop clients on the engine (each submits its next prompt when its
+  previous one is done; 2w requests in all), tokens/s: requests joining and leaving a running
+  batch, as the Serve generator runs them;
+- ``alone``: one ``generate`` per request, one after another: what a server without
+  continuous batching gives concurrent streams (each stream runs its own ``generate`` under
+  the replica's model lock), which is how taskray served seq2seq streams before.
+
+Every engine completion is checked against ``generate`` alone for its prompt (greedy: the text
+must be the same); any mismatch makes the script exit 1. Prints a table and writes
+benchmarks/results/seq2seq_engine[-smoke].json. Ratios are between figures of one invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.engine import ContinuousBatchingEngine
+from benchmarks.serve_bench.baselines import engine_closed_loop
+from benchmarks.serve_bench.workload import PROMPTS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# T5-shaped sizes over ``tiny:t5``'s config. T5's own init at these depths decodes one token
+# over and over; weights drawn 5x wider give varied text, so equality checks mean something.
+SIZES: dict[str, dict[str, Any]] = {
+    "toy": {"initializer_factor": 5.0},
+    "small": {"d_model": 384, "d_kv": 64, "d_ff": 1536, "num_layers": 6,
+              "num_decoder_layers": 6, "num_heads": 6, "initializer_factor": 5.0},
+}  # fmt: skip
+
+
+def build(size: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of ``SIZES[size]``, random weights (seed 0)."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from actors.tiny import tiny_model_path
+
+    source = tiny_model_path("tiny:t5")
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(source, **SIZES[size])
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    return model, AutoTokenizer.from_pretrained(source)
+
+
+class Bench:
+    """The three ways of generating over one model (see the module docstring)."""
+
+    def __init__(self, model: Any, tok: Any, max_tokens: int) -> None:
+        self.model, self.tok, self.max_tokens = model, tok, max_tokens
+        self.eos = tok.eos_token_id
+        self.reference = {p: self._texts([p])[0] for p in PROMPTS}
+        self.mismatches = 0
+
+    def _texts(self, rows: list[str]) -> list[str]:
+        out = self._generate(rows)[0]
+        return [self.tok.decode(r, skip_special_tokens=True) for r in out]
+
+    def _generate(self, rows: list[str]) -> tuple[list[list[int]], float]:
+        """Generated ids per row (up to EOS, which counts) and the wall seconds."""
+        self.tok.padding_side = "right"
+        enc = self.tok(rows, return_tensors="pt", add_special_tokens=False, padding=True)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, max_new_tokens=self.max_tokens, do_sample=False,
+                pad_token_id=self.tok.pad_token_id, eos_token_id=self.eos,
+            )  # fmt: skip
+        seconds = time.perf_counter() - t0
+        ids = [r[1:] for r in out.tolist()]  # without the decoder start token
+        return [r[: r.index(self.eos) + 1] if self.eos in r else r for r in ids], seconds
+
+    def static(self, width: int) -> tuple[int, float]:
+        ids, seconds = self._generate([PROMPTS[i % len(PROMPTS)] for i in range(width)])
+        return sum(map(len, ids)), seconds
+
+    def alone(self, n: int) -> tuple[int, float]:
+        tokens = seconds = 0.0
+        for i in range(n):
+            ids, s = self._generate([PROMPTS[i % len(PROMPTS)]])
+            tokens, seconds = tokens + len(ids[0]), seconds + s
+        return int(tokens), seconds
+
+    def engine(self, width: int, n: int) -> tuple[int, float, float]:
+        """``width`` closed-loop clients, ``n`` requests → tokens, seconds, mean decode batch."""
+
+        def check(prompt: str, text: str | None) -> None:
+            self.mismatches += text != self.reference[prompt]
+
+        engine = ContinuousBatchingEngine(self.model, self.tok)
+        try:
+            tokens, seconds = engine_closed_loop(engine, PROMPTS, self.max_tokens, width, n, check)
+            sizes = engine.stats()["decode_batch_sizes"]
+        finally:
+            engine.close()
+        mean_batch = sum(k * v for k, v in sizes.items()) / max(1, sum(sizes.values()))
+        return tokens, seconds, mean_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="toy model, 2 widths; seconds")
+    parser.add_argument("--size", choices=sorted(SIZES), help="model size (default: small)")
+    parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--passes", type=int, default=3, help="measurements pooled per width")
+    args = parser.parse_args()
+    size = args.size or ("toy" if args.smoke else "small")
+    widths = (1, 4) if args.smoke else (1, 4, 8, 16)
+    passes = 1 if args.smoke else args.passes
+    torch.set_num_threads(1)  # as a generator replica with num_cpus < 2 runs
+    model, tok = build(size)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"seq2seq engine: {size} T5 ({params / 1e6:.1f}M parameters), "
+          f"{args.max_tokens} greedy tokens per request, 1 thread", flush=True)  # fmt: skip
+    bench = Bench(model, tok, args.max_tokens)
+    bench.static(2)  # warm-up
+    rows: dict[str, Any] = {}
+    print(f"{'width':>5} {'static tok/s':>13} {'engine tok/s':>13} {'alone tok/s':>12} "
+          f"{'engine/static':>14} {'engine/alone':>13} {'mean batch':>11}")  # fmt: skip
+    for w in widths:
+        static = [bench.static(w) for _ in range(passes)]
+        engine = [bench.engine(w, 2 * w) for _ in range(passes)]
+        alone = [bench.alone(w) for _ in range(passes)]
+        rate = {
+            "static": sum(n for n, _ in static) / sum(s for _, s in static),
+            "engine": sum(n for n, _, _ in engine) / sum(s for _, s, _ in engine),
+            "alone": sum(n for n, _ in alone) / sum(s for _, s in alone),
+        }
+        row = {
+            **{f"{k}_tok_s": v for k, v in rate.items()},
+            "engine_over_static": rate["engine"] / rate["static"],
+            "engine_over_alone": rate["engine"] / rate["alone"],
+            "engine_mean_decode_batch": sum(b for _, _, b in engine) / len(engine),
+        }
+        rows[str(w)] = row
+        print(f"{w:>5} {rate['static']:>13.0f} {rate['engine']:>13.0f} {rate['alone']:>12.0f} "
+              f"{row['engine_over_static']:>13.2f}x {row['engine_over_alone']:>12.2f}x "
+              f"{row['engine_mean_decode_batch']:>11.1f}", flush=True)  # fmt: skip
+    print(f"engine texts differing from generate alone: {bench.mismatches}")
+    report = {
+        "model": f"tiny:t5 config with {SIZES[size]}, random weights (seed 0)",
+        "size": size,
+        "parameters": params,
+        "max_tokens": args.max_tokens,
+        "passes": passes,
+        "torch_threads": 1,
+        "widths": rows,
+        "text_mismatches": bench.mismatches,
+        "smoke": args.smoke,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"seq2seq_engine{'-smoke' if args.smoke else ''}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    if bench.mismatches:
+        sys.exit(f"{bench.mismatches} engine completion(s) differ from generate alone")
+
+
+if __name__ == "__main__":
+    main()
