@@ -269,8 +269,9 @@ class ContinuousBatchingEngine:
             self._cond.notify()
 
     def stats(self) -> dict[str, Any]:
-        """Queue and batch figures (``running`` and ``waiting`` are live counts; ``seconds``:
-        the engine thread's time prefilling, decoding and idle so far)."""
+        """Queue and batch figures (``running`` and ``waiting`` are live counts;
+        ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
+        columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far)."""
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
@@ -279,6 +280,8 @@ class ContinuousBatchingEngine:
             "waiting": waiting,
             "reserved_tokens": reserved,
             "cache_width": 0 if self._mask is None else int(self._mask.shape[1]),
+            # an encoder-decoder's cross-attention width (its widest running prompt)
+            "encoder_width": 0 if self._enc_mask is None else int(self._enc_mask.shape[1]),
             "prefill_batch_sizes": dict(self.prefill_sizes),
             "decode_batch_sizes": dict(self.decode_sizes),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},

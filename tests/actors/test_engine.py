@@ -347,6 +347,33 @@ def test_every_relative_position_encoder_decoder_joins_exactly(kind):
         engine.close()
 
 
+def test_encoder_cache_shrinks_when_the_widest_prompt_leaves():
+    """An encoder-decoder's cross-attention cache is as wide as its widest running prompt:
+    when a long prompt's request ends, the batch's encoder columns drop to the next widest
+    (memory follows what runs), and the request still running decodes on unchanged."""
+    model, tok = _seq2seq()
+    engine = ContinuousBatchingEngine(model, tok)
+    short, long = PROMPTS[3], " ".join(PROMPTS)
+    n_short = len(tok(short, add_special_tokens=False)["input_ids"])
+    n_long = len(tok(long, add_special_tokens=False)["input_ids"])
+    try:
+        keeps, leaves = Recorder(), Recorder()
+        engine.submit(short, SamplingParams(max_new_tokens=NEW), None, keeps)
+        engine.submit(long, SamplingParams(max_new_tokens=8), None, leaves)
+        widths = []
+        while not keeps.finished.is_set():
+            widths.append(engine.stats()["encoder_width"])
+            time.sleep(0.001)
+        leaves.result()
+        assert keeps.result().token_ids == reference(model, tok, short)[:NEW]
+        seen = [w for w in widths if w]
+        assert n_long in seen and n_short in seen, (n_short, n_long, sorted(set(widths)))
+        assert seen[-1] == n_short  # after the long prompt left, only the short one's columns
+        assert engine.stats()["encoder_width"] == 0  # nothing runs, nothing is held
+    finally:
+        engine.close()
+
+
 def test_absolute_position_encoder_decoders_are_refused_and_that_is_needed(monkeypatch):
     """BART numbers decoder positions from the batch's shared cache width: the engine refuses
     it with the reason (the server then keeps static batches), and forcing it in shows why —
