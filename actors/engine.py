@@ -110,6 +110,7 @@ class _Seq:
     sent: int = 0  # characters of text already handed to the sink
     cancelled: bool = False
     done: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
 
     @property
     def budget(self) -> int:
@@ -220,6 +221,9 @@ class ContinuousBatchingEngine:
         # Wall seconds the engine thread spent prefilling, decoding and waiting for work: how
         # busy the replica's model is, and what share of it joins cost.
         self.seconds: Counter[str] = Counter(prefill=0.0, decode=0.0, idle=0.0)
+        # Per request, summed (so that two snapshots give the mean over any window): seconds
+        # from submit to the start of its prefill (waiting) and to its first token.
+        self.latency: Counter[str] = Counter(waiting=0.0, first_token=0.0, requests=0)
 
     # ----- public interface -------------------------------------------------------------------
     def submit(self, prompt: str, params: SamplingParams, adapter: str | None, sink: Sink) -> int:
@@ -271,7 +275,9 @@ class ContinuousBatchingEngine:
     def stats(self) -> dict[str, Any]:
         """Queue and batch figures (``running`` and ``waiting`` are live counts;
         ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
-        columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far)."""
+        columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far;
+        ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
+        to its prefill and to its first token)."""
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
@@ -285,6 +291,7 @@ class ContinuousBatchingEngine:
             "prefill_batch_sizes": dict(self.prefill_sizes),
             "decode_batch_sizes": dict(self.decode_sizes),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "latency_s": dict(self.latency),
             **dict(self.counters),
         }
 
@@ -440,6 +447,7 @@ class ContinuousBatchingEngine:
             mask[row, cols] = 1
         input_ids, mask = input_ids.to(device), mask.to(device)
         self.prefill_sizes[n] += 1  # attempts: a failed prefill counts too
+        started = time.perf_counter()
         if self._seq2seq:
             # One forward encodes the prompts and takes each decoder's first step.
             cache: Any = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -465,6 +473,10 @@ class ContinuousBatchingEngine:
         with self._cond:
             self._running.extend(seqs)
         self._advance(seqs, logits, events)
+        now = time.perf_counter()
+        self.latency["requests"] += n
+        self.latency["waiting"] += sum(started - s.submitted for s in seqs)
+        self.latency["first_token"] += sum(now - s.submitted for s in seqs)
 
     def _layers(self, cache: Any) -> tuple[list[Any], list[Any]]:
         """(self-attention layers, cross-attention layers) of a cache."""

@@ -26,6 +26,11 @@ prompts the random weights rarely emit EOS, so most requests generate their full
   streamed and not, at ``max_tokens`` and at half of it. TTFT and decode rates are over its
   streamed requests, the aggregate over all. Each text is checked against the in-process
   greedy reference of its prompt, adapter and length.
+- Staggered load (16 clients): the plain load, its clients started one request period ÷ 16
+  apart (the period measured by the plain cell at 16), so their requests arrive spread out as
+  independent users' do instead of in step (closed-loop clients with equal requests all
+  finish at the same decode step and all send again at once). Latencies count requests sent
+  once every client has started.
 - In-process: the same weights (and adapters, through PEFT) loaded in this process with the
   replica's torch thread count (``serve.config.replica_threads`` of the model's ``num_cpus``):
   ``generate`` feeding a ``TextIteratorStreamer`` in a thread, one prompt at a time (TTFT =
@@ -48,13 +53,15 @@ request per prompt checks the text and ``usage.completion_tokens`` against the r
 (``usage_check``). CPU time per token by process is recorded as for the classifier, and the
 replica engine's own counters around each measured cell (``engine``: decode steps and their
 mean batch, prefills, the engine thread's busy share of the wall time and prefill's share of
-that), which tell a model that is short of work from one that is short of CPU.
+that, and its requests' mean wait from submit to prefill and to first token), which tell a
+model that is short of work from one that is short of CPU, and the engine's share of TTFT
+from what the hops add.
 
 Ratios: Serve aggregate at ``c`` ÷ in-process ``batch{c}`` (target ≥ 0.7 at 4, 8 and 16),
-``engine{c}`` ÷ ``batch{c}``,
-TTFT p50 at 16 ÷ at 1 (target ≤ 4), the mixed load ÷ the plain streamed load at 16 (target
-within 20%), Serve decode tokens/s ÷ in-process streamed (per-request p50), and the TTFT
-overhead (Serve − in-process alone, p50 and p99; under load it includes queueing).
+``engine{c}`` ÷ ``batch{c}``, TTFT p50 at 16 ÷ at 1 (target ≤ 4; also for the staggered
+load), the mixed and the staggered load ÷ the plain streamed load at 16 (target within 20%
+for the mixed one), Serve decode tokens/s ÷ in-process streamed (per-request p50), and the
+TTFT overhead (Serve − in-process alone, p50 and p99; under load it includes queueing).
 """
 
 from __future__ import annotations
@@ -81,10 +88,10 @@ from .common import (
     ensure_ray,
     free_port,
     keyed_config,
-    ratio,
     serve_throughput_mode,
 )
 from .load import GenCell, _measure_stream
+from .report import generator_ratios
 from .workload import (
     ADAPTERS,
     GEN_CONCURRENCY,
@@ -255,6 +262,7 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
     # costs as much time as the toy's three)
     passes = 1 if smoke or size != "toy" else 3
     cells: dict[int, GenCell] = {}
+    extra: dict[str, GenCell] = {}  # the mixed and the staggered load
     serve_info: dict[str, Any] = {}
     plain_jobs = [{"prompt": p, "model": "writer", "max_tokens": max_tokens, "stream": True}
                   for p in PROMPTS]  # fmt: skip
@@ -288,7 +296,8 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
             timings["inprocess_s"] = time.perf_counter() - t0
             reference = ref.reference
             usage = asyncio.run(_usage_check(endpoint, reference, max_tokens))
-            for c in (*GEN_CONCURRENCY, "mixed"):
+            stagger_s = 0.0
+            for c in (*GEN_CONCURRENCY, "mixed", "staggered"):
                 t0 = time.perf_counter()
                 ref.run(passes)
                 timings["inprocess_s"] += time.perf_counter() - t0
@@ -298,7 +307,9 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
                     f"{s['ttft_p50_ms']:.1f} ms, decode {s['decode_tok_s_p50']:.0f} tok/s",
                     flush=True,
                 )
-                width = MIXED_CONCURRENCY if c == "mixed" else c
+                width = c if isinstance(c, int) else MIXED_CONCURRENCY
+                if c == "staggered":  # the plain load, its clients' starts one period apart
+                    stagger_s = cells[width].seconds / per_client / width
                 cell = asyncio.run(
                     _measure_stream(
                         endpoint,
@@ -310,19 +321,18 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
                         time_limit_s,
                         warmup_streams(width),
                         engine_stats,
+                        stagger_s if c == "staggered" else 0.0,
                     )
                 )
-                if c == "mixed":
-                    mixed_cell = cell
-                else:
-                    cells[c] = cell
-                print(cell.report_line("mixed" if c == "mixed" else "stream"), flush=True)
+                (cells if isinstance(c, int) else extra)[c] = cell
+                print(cell.report_line(c if isinstance(c, str) else "stream"), flush=True)
     timings.update({k: serve_info.pop(k) for k in ("ray_start_s", "serve_ready_s")})
     timings["total_s"] = time.perf_counter() - started
     inproc = {**ref.summary(), "passes_per_cell": passes}
     results = {c: cells[c].summary() for c in GEN_CONCURRENCY}
+    staggered = {**extra["staggered"].summary(), "stagger_ms": stagger_s * 1000}
     mixed_result = {
-        **mixed_cell.summary(),
+        **extra["mixed"].summary(),
         "jobs": len(mixed),
         "models": ["writer", *ADAPTERS],
         "max_tokens": sorted({j["max_tokens"] for j in mixed}),
@@ -351,7 +361,8 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
         "inprocess": inproc,
         "results": results,
         "mixed": mixed_result,
-        "ratios": generator_ratios(results, mixed_result, inproc),
+        "staggered": staggered,
+        "ratios": generator_ratios(results, mixed_result, inproc, staggered),
         "timings_s": timings,
         # 1/5/15-minute load averages: other work on a shared machine shows up here
         "load_average": {
@@ -359,42 +370,3 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
             "after": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
     }
-
-
-def generator_ratios(
-    results: dict[int, Any], mixed: dict[str, Any], inproc: dict[str, Any]
-) -> dict[str, float | None]:
-    """Serve against in-process at each concurrency, TTFT growth, and the mixed load against
-    the plain streamed load at the same concurrency."""
-    ratios: dict[str, float | None] = {}
-    stream = inproc["streamed"]
-    for c, r in results.items():
-        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
-            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
-        )
-        if f"batch{c}" in inproc:
-            ratios[f"serve_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
-                r["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
-            )
-            # the scheduler alone (no Serve) against static batching: what is left is transport
-            ratios[f"engine_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
-                inproc[f"engine{c}"]["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
-            )
-        else:
-            ratios[f"serve_c{c}_vs_inprocess_generate_aggregate_tok_s"] = ratio(
-                r["aggregate_tok_s"], inproc["plain"]["aggregate_tok_s"]
-            )
-        for q in ("p50", "p99"):
-            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
-            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
-                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
-            )
-    top, one = max(results), min(results)
-    ratios[f"ttft_p50_c{top}_over_c{one}"] = ratio(
-        results[top]["ttft_p50_ms"], results[one]["ttft_p50_ms"]
-    )
-    same = results.get(MIXED_CONCURRENCY)
-    if same is not None:
-        for key in ("aggregate_tok_s", "ttft_p50_ms", "decode_tok_s_p50"):
-            ratios[f"mixed_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(mixed[key], same[key])
-    return ratios

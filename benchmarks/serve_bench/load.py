@@ -67,24 +67,29 @@ class Target:
 
 
 async def run_clients(
-    concurrency: int, n_requests: int, time_limit_s: float, send: Callable[[int], Awaitable[None]]
+    concurrency: int,
+    n_requests: int,
+    time_limit_s: float,
+    send: Callable[[int], Awaitable[None]],
+    stagger_s: float = 0.0,
 ) -> float:
     """The closed loop: ``concurrency`` clients, each calling ``send(i)`` (``i``: how many
     requests were sent before this one) as soon as its previous call returned, until
     ``n_requests`` have been sent or ``time_limit_s`` has passed (in-flight ones finish).
-    Returns the wall time."""
+    Client k starts ``k * stagger_s`` seconds after the first. Returns the wall time."""
     issued = 0
     deadline = time.perf_counter() + time_limit_s
 
-    async def one_client() -> None:
+    async def one_client(k: int) -> None:
         nonlocal issued
+        await asyncio.sleep(k * stagger_s)
         while issued < n_requests and time.perf_counter() < deadline:
             i = issued
             issued += 1
             await send(i)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    await asyncio.gather(*(one_client(k) for k in range(concurrency)))
     return time.perf_counter() - t0
 
 
@@ -208,7 +213,9 @@ class GenCell:
             engine_line = (
                 f"; engine: mean decode batch {engine['mean_decode_batch']:.1f}, busy "
                 f"{engine['busy_share']:.0%} of the time, prefill "
-                f"{engine['prefill_share_of_busy']:.0%} of that"
+                f"{engine['prefill_share_of_busy']:.0%} of that, first token "
+                f"{engine['mean_first_token_ms']:.0f} ms after submit (mean; "
+                f"{engine['mean_waiting_ms']:.0f} ms before its prefill)"
             )
         return (
             f"  serve {name} c={self.concurrency}: TTFT p50 "
@@ -219,8 +226,9 @@ class GenCell:
 
 def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float) -> dict[str, Any]:
     """What the replica's engine did between two ``stats()`` snapshots: decode steps and their
-    mean batch, prefill calls and the requests they took in, and its time (busy share of the
-    wall time; prefill share of the busy time)."""
+    mean batch, prefill calls and the requests they took in, its time (busy share of the
+    wall time; prefill share of the busy time), and its requests' mean wait for their prefill
+    and for their first token."""
 
     def delta(key: str) -> dict[int, int]:
         new = {int(k): v - before[key].get(k, 0) for k, v in after[key].items()}
@@ -230,7 +238,13 @@ def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float)
     steps = sum(decode.values())
     secs = {k: after["seconds"][k] - before["seconds"].get(k, 0.0) for k in after["seconds"]}
     busy = secs.get("prefill", 0.0) + secs.get("decode", 0.0)
+    lat = {k: v - before.get("latency_s", {}).get(k, 0) for k, v in after["latency_s"].items()}
+    n = lat.get("requests", 0)
     return {
+        # mean ms from the replica's submit to its prefill, and to its first token: TTFT
+        # measured by the client minus this is what the hops and the client itself add
+        "mean_waiting_ms": 1000 * lat["waiting"] / n if n else None,
+        "mean_first_token_ms": 1000 * lat["first_token"] / n if n else None,
         "decode_steps": steps,
         "mean_decode_batch": sum(k * v for k, v in decode.items()) / steps if steps else None,
         "prefill_calls": sum(prefill.values()),
@@ -297,9 +311,13 @@ async def _gen_closed_loop(
     n_requests: int,
     time_limit_s: float,
     offset: int = 0,
+    stagger_s: float = 0.0,
 ) -> None:
-    """Send ``jobs`` (cycled from ``offset``) in a closed loop of ``cell.concurrency`` clients;
-    count each answer's tokens against ``reference`` (re-tokenised when the text differs)."""
+    """Send ``jobs`` (cycled from ``offset``) in a closed loop of ``cell.concurrency`` clients
+    (started ``stagger_s`` apart); count each answer's tokens against ``reference``
+    (re-tokenised when the text differs). Latencies count only requests sent once every
+    client has started (a staggered start's ramp runs below the cell's concurrency)."""
+    steady = time.perf_counter() + (cell.concurrency - 1) * stagger_s
 
     async def send(i: int) -> None:
         job = jobs[(offset + i) % len(jobs)]
@@ -320,7 +338,7 @@ async def _gen_closed_loop(
         cell.ok += 1
         cell.tokens += n
         cell.finish[str(r["finish"])] += 1
-        if not job["stream"]:
+        if not job["stream"] or r["start"] < steady:
             return
         cell.streamed += 1
         times = r["times"] or [r["end"]]
@@ -330,7 +348,7 @@ async def _gen_closed_loop(
         if rate is not None:
             cell.decode_tok_s.append(rate)
 
-    cell.seconds = await run_clients(cell.concurrency, n_requests, time_limit_s, send)
+    cell.seconds = await run_clients(cell.concurrency, n_requests, time_limit_s, send, stagger_s)
 
 
 async def _measure_stream(
@@ -343,19 +361,22 @@ async def _measure_stream(
     time_limit_s: float,
     warmup: int,
     engine_stats: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    stagger_s: float = 0.0,
 ) -> GenCell:
-    """Warm up, then measure one cell; ``engine_stats`` (the replica's engine ``stats()``),
-    when given, is read around the measured part (``engine_figures``)."""
+    """Warm up, then measure one cell (clients started ``stagger_s`` apart in both);
+    ``engine_stats`` (the replica's engine ``stats()``), when given, is read around the
+    measured part (``engine_figures``)."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(limits=limits, timeout=120.0, headers=headers) as client:
         loop_args = (jobs, reference, count_tokens)
-        await _gen_closed_loop(client, url, GenCell(concurrency), *loop_args, warmup, time_limit_s)
+        await _gen_closed_loop(client, url, GenCell(concurrency), *loop_args, warmup,
+                               time_limit_s, stagger_s=stagger_s)  # fmt: skip
         cell = GenCell(concurrency)
         engine_before = await engine_stats() if engine_stats is not None else {}
         before = cpu_snapshot()
         await _gen_closed_loop(
-            client, url, cell, *loop_args, n_requests, time_limit_s, offset=warmup
+            client, url, cell, *loop_args, n_requests, time_limit_s, warmup, stagger_s
         )
         after = cpu_snapshot()
         cell.cpu_s = {k: v - before[k] for k, v in after.items() if k in before}

@@ -224,6 +224,10 @@ def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
         # the engine thread's time is accounted: it prefilled, decoded and waited for work
         assert stats["seconds"]["prefill"] > 0 and stats["seconds"]["decode"] > 0, stats
         assert stats["seconds"]["idle"] >= 0, stats
+        # every request's wait for its prefill and for its first token is summed
+        latency = stats["latency_s"]
+        assert latency["requests"] == stats["submitted"], stats
+        assert 0 <= latency["waiting"] < latency["first_token"], stats
     finally:
         engine.close()
 
