@@ -68,7 +68,9 @@ class EngineLimits:
     max_running: int = 32
     """Sequences in the running decode batch."""
     max_cached_tokens: int = 32768
-    """Prompt + max new tokens reserved by the running sequences (the KV cache bound)."""
+    """Prompt + max new tokens reserved by the running sequences (the KV cache bound; the
+    cache also holds padding up to the widest running row, and an encoder-decoder's
+    cross-attention rows are as wide as its widest running prompt)."""
     max_queued: int = 256
     """Requests waiting for a slot; past this, submit raises ``EngineOverloaded``."""
     max_prefill_tokens: int = 4096
@@ -146,11 +148,38 @@ def _pad(t: torch.Tensor, n: int, dim: int, left: bool = True) -> torch.Tensor:
 # Encoder-decoder families whose decoder attends with a bias over the query-key distance
 # (``compute_bias`` over cache columns) and takes no absolute positions: left-padding a joined
 # row's decoder cache leaves every distance, hence every output, unchanged (tested per family).
-RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5", "switch_transformers"})
+RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5"})
+
+# ``generation_config`` settings that ``generate`` applies and the engine does not (it applies
+# the config's repetition_penalty, then samples or takes the argmax per row, with per-request
+# temperature, top-k, top-p, stop and budget).
+# A model that sets any of them is served by static ``generate`` so that its output is the
+# output its authors configured; the values are those of a default ``GenerationConfig``.
+_UNAPPLIED_SETTINGS: dict[str, Any] = {
+    "num_beams": 1, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "min_length": 0,
+    "min_new_tokens": None, "bad_words_ids": None, "forced_bos_token_id": None,
+    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "sequence_bias": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+    "min_p": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
+}  # fmt: skip
 
 
 def engine_unsupported(model: Any) -> str | None:
-    """Why ``ContinuousBatchingEngine`` cannot run ``model`` exactly, or None when it can."""
+    """Why ``ContinuousBatchingEngine`` cannot run ``model`` as ``generate`` would, or None
+    when it can."""
+    generation = getattr(model, "generation_config", None)
+    unapplied = [
+        f"{key}={getattr(generation, key)!r}"
+        for key, default in _UNAPPLIED_SETTINGS.items()
+        if getattr(generation, key, default) not in (default, None, [])
+    ]
+    if unapplied:
+        return (
+            f"its generation_config sets {', '.join(unapplied)}, which the continuous-batching "
+            "engine does not apply (it decodes greedily or samples with the request's "
+            "temperature, top_k and top_p)"
+        )
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False):
         return None
@@ -204,6 +233,10 @@ class ContinuousBatchingEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._eos = set(stop_token_ids(tokenizer, model))
+        # generate applies the model's configured repetition penalty (Qwen2.5's is 1.05): so
+        # does the engine, or greedy output would differ from the model's own.
+        penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
+        self._penalty = float(penalty) if penalty not in (None, 1.0) else None
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
@@ -281,13 +314,14 @@ class ContinuousBatchingEngine:
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
+        # read once: the engine thread may reset them between two reads
+        mask, enc_mask = self._mask, self._enc_mask
         return {
             "running": running,
             "waiting": waiting,
             "reserved_tokens": reserved,
-            "cache_width": 0 if self._mask is None else int(self._mask.shape[1]),
-            # an encoder-decoder's cross-attention width (its widest running prompt)
-            "encoder_width": 0 if self._enc_mask is None else int(self._enc_mask.shape[1]),
+            "cache_width": 0 if mask is None else int(mask.shape[1]),
+            "encoder_width": 0 if enc_mask is None else int(enc_mask.shape[1]),
             "prefill_batch_sizes": dict(self.prefill_sizes),
             "decode_batch_sizes": dict(self.decode_sizes),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -449,7 +483,7 @@ class ContinuousBatchingEngine:
         self.prefill_sizes[n] += 1  # attempts: a failed prefill counts too
         started = time.perf_counter()
         if self._seq2seq:
-            # One forward encodes the prompts and takes each decoder's first step.
+            # One forward for both: the encoder's output feeds the first decoder step anyway.
             cache: Any = EncoderDecoderCache(DynamicCache(), DynamicCache())
             first = torch.full((n, 1), self._start, dtype=torch.long, device=device)
             dec_mask = torch.ones((n, 1), dtype=torch.long, device=device)
@@ -474,9 +508,11 @@ class ContinuousBatchingEngine:
             self._running.extend(seqs)
         self._advance(seqs, logits, events)
         now = time.perf_counter()
-        self.latency["requests"] += n
-        self.latency["waiting"] += sum(started - s.submitted for s in seqs)
-        self.latency["first_token"] += sum(now - s.submitted for s in seqs)
+        self.latency.update(
+            requests=n,
+            waiting=sum(started - s.submitted for s in seqs),
+            first_token=sum(now - s.submitted for s in seqs),
+        )
 
     def _layers(self, cache: Any) -> tuple[list[Any], list[Any]]:
         """(self-attention layers, cross-attention layers) of a cache."""
@@ -502,17 +538,23 @@ class ContinuousBatchingEngine:
             return torch.cat([_pad(a, wide - a.shape[dim], dim, left),
                               _pad(b, wide - b.shape[dim], dim, left)])  # fmt: skip
 
-        for mine, theirs in zip(mine_self, theirs_self, strict=True):
-            mine.keys = cat(mine.keys, theirs.keys, -2, left=True)
-            mine.values = cat(mine.values, theirs.values, -2, left=True)
-        self._mask = cat(self._mask, mask, 1, left=True)
+        # Every new tensor is built before any is stored: a join that fails (out of memory)
+        # leaves the running batch as it was, and only the newcomers fail.
+        layers = [(mine, cat(mine.keys, theirs.keys, -2, left=True),
+                   cat(mine.values, theirs.values, -2, left=True))
+                  for mine, theirs in zip(mine_self, theirs_self, strict=True)]  # fmt: skip
+        joined_mask = cat(self._mask, mask, 1, left=True)
+        enc_out, enc_mask = self._enc_out, self._enc_mask
         if encoded is not None:
-            assert self._enc_out is not None and self._enc_mask is not None
-            for mine, theirs in zip(mine_cross, theirs_cross, strict=True):
-                mine.keys = cat(mine.keys, theirs.keys, -2, left=False)
-                mine.values = cat(mine.values, theirs.values, -2, left=False)
-            self._enc_out = cat(self._enc_out, encoded[0], 1, left=False)
-            self._enc_mask = cat(self._enc_mask, encoded[1], 1, left=False)
+            assert enc_out is not None and enc_mask is not None
+            layers += [(mine, cat(mine.keys, theirs.keys, -2, left=False),
+                        cat(mine.values, theirs.values, -2, left=False))
+                       for mine, theirs in zip(mine_cross, theirs_cross, strict=True)]  # fmt: skip
+            enc_out = cat(enc_out, encoded[0], 1, left=False)
+            enc_mask = cat(enc_mask, encoded[1], 1, left=False)
+        for layer, keys, values in layers:
+            layer.keys, layer.values = keys, values
+        self._mask, self._enc_out, self._enc_mask = joined_mask, enc_out, enc_mask
 
     def _decode(self, events: list[tuple[Sink, str, Any]]) -> None:
         """One token for every running sequence."""
@@ -575,10 +617,22 @@ class ContinuousBatchingEngine:
 
     # ----- tokens → text ------------------------------------------------------------------------
     def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
-        """Greedy rows take the argmax; sampled rows go through transformers' own warpers,
-        grouped by equal settings, and draw with their own generator."""
+        """The model's repetition penalty (if its generation_config sets one) on each row's
+        tokens so far; then greedy rows take the argmax, and sampled rows go through
+        transformers' own warpers, grouped by equal settings, and draw with their own
+        generator."""
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+        if self._penalty is not None:
+            from transformers import RepetitionPenaltyLogitsProcessor
+
+            penalise = RepetitionPenaltyLogitsProcessor(self._penalty)
+            for row, seq in enumerate(seqs):
+                # what generate's input_ids hold: a causal LM's prompt and continuation, an
+                # encoder-decoder's decoder tokens (its start token and continuation)
+                seen = [*([self._start] if self._seq2seq else seq.prompt_ids), *seq.ids]
+                ids = torch.tensor([seen], dtype=torch.long, device=logits.device)
+                logits[row : row + 1] = penalise(ids, logits[row : row + 1])
         chosen = logits.argmax(dim=-1).tolist()
         groups: dict[tuple[float, int, float], list[int]] = {}
         for row, seq in enumerate(seqs):
@@ -665,12 +719,12 @@ class ContinuousBatchingEngine:
 
 def _decoder_start(model: Any) -> int:
     """The token an encoder-decoder's decoder starts from (as ``generate`` picks it)."""
-    config = model.config
-    start = getattr(config, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(getattr(model, "generation_config", None), "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(config, "bos_token_id", None)
+    generation, config = getattr(model, "generation_config", None), model.config
+    start = None
+    for source in (generation, config):  # generate's order: generation_config first
+        for key in ("decoder_start_token_id", "bos_token_id"):
+            if start is None:
+                start = getattr(source, key, None)
     if start is None:
         raise ValueError(
             "continuous batching: the model's config has no decoder_start_token_id; set it in "

@@ -88,10 +88,12 @@ class Bench:
         return [r[: r.index(self.eos) + 1] if self.eos in r else r for r in ids], seconds
 
     def static(self, width: int) -> tuple[int, float]:
+        """One ``generate`` over ``width`` prompts → tokens, seconds."""
         ids, seconds = self._generate([PROMPTS[i % len(PROMPTS)] for i in range(width)])
         return sum(map(len, ids)), seconds
 
     def alone(self, n: int) -> tuple[int, float]:
+        """``n`` prompts, one ``generate`` after another → tokens, seconds."""
         tokens = seconds = 0.0
         for i in range(n):
             ids, s = self._generate([PROMPTS[i % len(PROMPTS)]])
@@ -115,6 +117,7 @@ class Bench:
 
 
 def main() -> None:
+    """The command line: measure each width, print the table, write the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="toy model, 2 widths; seconds")
     parser.add_argument("--size", choices=sorted(SIZES), help="model size (default: small)")

@@ -7,8 +7,9 @@ sampling settings, any adapter — joins the running batch between decode steps 
 it is done. Its queue is bounded (``scheduler`` in the served model's config): a request past
 it is refused with ``EngineOverloaded``, which the ingress answers with 503 + Retry-After. An
 encoder-decoder with absolute decoder positions (BART, Marian, Pegasus, ...: see
-``actors.engine.engine_unsupported``) keeps static batches (``@serve.batch``, equal settings
-per ``generate`` call) and runs each stream alone.
+``actors.engine.engine_unsupported``), or a model whose ``generation_config`` asks for what
+the engine does not do (beam search, ``no_repeat_ngram_size``, ...), keeps static batches
+(``@serve.batch``, equal settings per ``generate`` call) and runs each stream alone.
 
 Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
 adapter to replicas that already hold it and evicts the least recently used one past

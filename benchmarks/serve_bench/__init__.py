@@ -1,7 +1,8 @@
 """The serve benchmark (``benchmarks/serve_throughput.py``) in rooms, each below the next:
 
 - ``workload``: what is sent (reviews, prompts, adapters, concurrencies, warm-ups);
-- ``common``: paths, Ray and Serve start-up, CPU accounting by process, statistics;
+- ``common``: paths, Ray and Serve start-up, CPU accounting by process, statistics and the
+  generator's ratios;
 - ``load``: the closed-loop HTTP load generator (classifier requests, streamed completions);
 - ``baselines``: the FastAPI + ``transformers`` pipeline server and the in-process generator;
 - ``classifier`` and ``generator``: the two halves, each measuring Serve against its baseline;

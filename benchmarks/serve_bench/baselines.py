@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -302,7 +302,8 @@ class InProcess:
 
 
 def engine_closed_loop(engine: Any, prompts: list[str], max_tokens: int, width: int,
-                       n_requests: int, check: Any) -> tuple[int, float]:  # fmt: skip
+                       n_requests: int, check: Callable[[str, str | None], None],
+                       ) -> tuple[int, float]:  # fmt: skip
     """``width`` closed-loop clients on ``engine`` (each submits its next prompt, cycling
     ``prompts``, when its previous one is done), ``n_requests`` greedy requests in all →
     (tokens generated, wall seconds). ``check(prompt, text)`` sees each completion's text

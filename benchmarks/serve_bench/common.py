@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from .workload import MIXED_CONCURRENCY
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 ENTRY = ROOT / "benchmarks" / "serve_throughput.py"  # the CLI (also runs the baseline server)
@@ -178,3 +180,54 @@ def ratio(a: float | None, b: float | None) -> float | None:
 def by_concurrency(by_c: dict[Any, Any]) -> dict[int, Any]:
     """Concurrency-keyed figures with int keys (JSON turns them into strings)."""
     return {int(c): v for c, v in by_c.items()}
+
+
+def generator_ratios(
+    results: dict[int, Any],
+    mixed: dict[str, Any],
+    inproc: dict[str, Any],
+    staggered: dict[str, Any] | None = None,
+) -> dict[str, float | None]:
+    """Serve against in-process at each concurrency, TTFT growth (under the plain load and the
+    staggered one), and the mixed and staggered loads against the plain streamed load at the
+    same concurrency."""
+    ratios: dict[str, float | None] = {}
+    stream = inproc["streamed"]
+    for c, r in results.items():
+        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
+            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
+        )
+        if f"batch{c}" in inproc:
+            ratios[f"serve_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
+                r["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+            # the scheduler alone (no Serve) against static batching: what is left is transport
+            ratios[f"engine_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
+                inproc[f"engine{c}"]["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+        else:
+            ratios[f"serve_c{c}_vs_inprocess_generate_aggregate_tok_s"] = ratio(
+                r["aggregate_tok_s"], inproc["plain"]["aggregate_tok_s"]
+            )
+        for q in ("p50", "p99"):
+            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
+            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
+                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
+            )
+    top, one = max(results), min(results)
+    ratios[f"ttft_p50_c{top}_over_c{one}"] = ratio(
+        results[top]["ttft_p50_ms"], results[one]["ttft_p50_ms"]
+    )
+    same = results.get(MIXED_CONCURRENCY)
+    if same is not None:
+        for key in ("aggregate_tok_s", "ttft_p50_ms", "decode_tok_s_p50"):
+            ratios[f"mixed_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(mixed[key], same[key])
+            if staggered is not None:
+                ratios[f"staggered_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(
+                    staggered[key], same[key]
+                )
+    if staggered is not None:
+        ratios[f"ttft_p50_c{MIXED_CONCURRENCY}_staggered_over_c{one}"] = ratio(
+            staggered["ttft_p50_ms"], results[one]["ttft_p50_ms"]
+        )
+    return ratios

@@ -87,11 +87,11 @@ from .common import (
     deploy_and_wait,
     ensure_ray,
     free_port,
+    generator_ratios,
     keyed_config,
     serve_throughput_mode,
 )
 from .load import GenCell, _measure_stream
-from .report import generator_ratios
 from .workload import (
     ADAPTERS,
     GEN_CONCURRENCY,
@@ -309,7 +309,8 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
                 )
                 width = c if isinstance(c, int) else MIXED_CONCURRENCY
                 if c == "staggered":  # the plain load, its clients' starts one period apart
-                    stagger_s = cells[width].seconds / per_client / width
+                    done = cells[width].ok / width  # requests per client (a time limit may cut)
+                    stagger_s = cells[width].seconds / max(done, 1) / width
                 cell = asyncio.run(
                     _measure_stream(
                         endpoint,

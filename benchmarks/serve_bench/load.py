@@ -213,8 +213,11 @@ class GenCell:
             engine_line = (
                 f"; engine: mean decode batch {engine['mean_decode_batch']:.1f}, busy "
                 f"{engine['busy_share']:.0%} of the time, prefill "
-                f"{engine['prefill_share_of_busy']:.0%} of that, first token "
-                f"{engine['mean_first_token_ms']:.0f} ms after submit (mean; "
+                f"{engine['prefill_share_of_busy']:.0%} of that"
+            )
+        if engine.get("mean_first_token_ms") is not None:
+            engine_line += (
+                f", first token {engine['mean_first_token_ms']:.0f} ms after submit (mean; "
                 f"{engine['mean_waiting_ms']:.0f} ms before its prefill)"
             )
         return (
@@ -238,7 +241,9 @@ def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float)
     steps = sum(decode.values())
     secs = {k: after["seconds"][k] - before["seconds"].get(k, 0.0) for k in after["seconds"]}
     busy = secs.get("prefill", 0.0) + secs.get("decode", 0.0)
-    lat = {k: v - before.get("latency_s", {}).get(k, 0) for k, v in after["latency_s"].items()}
+    # an engine behind the Engine interface need not sum latencies (figures then None)
+    lat = {k: v - before.get("latency_s", {}).get(k, 0)
+           for k, v in after.get("latency_s", {}).items()}  # fmt: skip
     n = lat.get("requests", 0)
     return {
         # mean ms from the replica's submit to its prefill, and to its first token: TTFT

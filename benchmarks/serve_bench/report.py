@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .classifier import TORCH_THREADS
-from .common import NUM_CPUS, by_concurrency, ratio
-from .workload import CONCURRENCY, GEN_MODELS, MIXED_CONCURRENCY, SYSTEMS, generator_key
+from .common import NUM_CPUS, by_concurrency
+from .workload import CONCURRENCY, GEN_MODELS, SYSTEMS, generator_key
 
 
 def make_chart(report: dict[str, Any], path: Path) -> None:
@@ -260,54 +260,3 @@ def print_generator_table(gen: dict[str, Any]) -> None:
             f"1-minute load average: {load['before'][0]:.2f} before the section, "
             f"{load['after'][0]:.2f} at its end ({os.cpu_count()} CPUs; its own processes count)"
         )
-
-
-def generator_ratios(
-    results: dict[int, Any],
-    mixed: dict[str, Any],
-    inproc: dict[str, Any],
-    staggered: dict[str, Any] | None = None,
-) -> dict[str, float | None]:
-    """Serve against in-process at each concurrency, TTFT growth (under the plain load and the
-    staggered one), and the mixed and staggered loads against the plain streamed load at the
-    same concurrency."""
-    ratios: dict[str, float | None] = {}
-    stream = inproc["streamed"]
-    for c, r in results.items():
-        ratios[f"serve_vs_inprocess_decode_tok_s_c{c}"] = ratio(
-            r["decode_tok_s_p50"], stream["decode_tok_s_p50"]
-        )
-        if f"batch{c}" in inproc:
-            ratios[f"serve_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
-                r["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
-            )
-            # the scheduler alone (no Serve) against static batching: what is left is transport
-            ratios[f"engine_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
-                inproc[f"engine{c}"]["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
-            )
-        else:
-            ratios[f"serve_c{c}_vs_inprocess_generate_aggregate_tok_s"] = ratio(
-                r["aggregate_tok_s"], inproc["plain"]["aggregate_tok_s"]
-            )
-        for q in ("p50", "p99"):
-            serve_ttft, ref_ttft = r[f"ttft_{q}_ms"], stream[f"ttft_{q}_ms"]
-            ratios[f"ttft_{q}_overhead_ms_c{c}"] = (
-                serve_ttft - ref_ttft if serve_ttft is not None and ref_ttft is not None else None
-            )
-    top, one = max(results), min(results)
-    ratios[f"ttft_p50_c{top}_over_c{one}"] = ratio(
-        results[top]["ttft_p50_ms"], results[one]["ttft_p50_ms"]
-    )
-    same = results.get(MIXED_CONCURRENCY)
-    if same is not None:
-        for key in ("aggregate_tok_s", "ttft_p50_ms", "decode_tok_s_p50"):
-            ratios[f"mixed_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(mixed[key], same[key])
-            if staggered is not None:
-                ratios[f"staggered_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(
-                    staggered[key], same[key]
-                )
-    if staggered is not None:
-        ratios[f"ttft_p50_c{MIXED_CONCURRENCY}_staggered_over_c{one}"] = ratio(
-            staggered["ttft_p50_ms"], results[one]["ttft_p50_ms"]
-        )
-    return ratios

@@ -287,7 +287,11 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
     for name, seed in (("a", 1), ("b", 2)):
         torch.manual_seed(seed)
         fresh = auto.from_pretrained(tmp_path / "base")
-        config = LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+        # the task type makes PEFT wrap the model as serving does (PeftModelForCausalLM or
+        # PeftModelForSeq2SeqLM, whose forward passes its own arguments on)
+        task_type = "CAUSAL_LM" if kind == "llama" else "SEQ_2_SEQ_LM"
+        config = LoraConfig(r=4, lora_alpha=32, target_modules=targets, init_lora_weights=False,
+                            task_type=task_type)  # fmt: skip
         get_peft_model(fresh, config).save_pretrained(tmp_path / name)
 
     def alone(adapter: str | None) -> list[int]:
@@ -345,7 +349,7 @@ def test_every_relative_position_encoder_decoder_joins_exactly(kind):
     try:
         for i, done in enumerate(_staggered_joins(engine, lengths)):
             want = reference(model, tok, PROMPTS[i % len(PROMPTS)], lengths[i])
-            assert done.token_ids == want[: len(done.token_ids)], (kind, i)
+            assert done.token_ids == want, (kind, i)
         assert max(engine.stats()["decode_batch_sizes"]) >= 3
     finally:
         engine.close()
@@ -356,26 +360,50 @@ def test_encoder_cache_shrinks_when_the_widest_prompt_leaves():
     when a long prompt's request ends, the batch's encoder columns drop to the next widest
     (memory follows what runs), and the request still running decodes on unchanged."""
     model, tok = _seq2seq()
-    engine = ContinuousBatchingEngine(model, tok)
+    widths: list[int] = []
+    # ``prepare`` runs before every step, after the rows that ended have left
+    engine = ContinuousBatchingEngine(
+        model, tok, prepare=lambda _: widths.append(engine.stats()["encoder_width"])
+    )
     short, long = PROMPTS[3], " ".join(PROMPTS)
     n_short = len(tok(short, add_special_tokens=False)["input_ids"])
     n_long = len(tok(long, add_special_tokens=False)["input_ids"])
     try:
         keeps, leaves = Recorder(), Recorder()
         engine.submit(short, SamplingParams(max_new_tokens=NEW), None, keeps)
-        engine.submit(long, SamplingParams(max_new_tokens=8), None, leaves)
-        widths = []
-        while not keeps.finished.is_set():
-            widths.append(engine.stats()["encoder_width"])
-            time.sleep(0.001)
+        engine.submit(long, SamplingParams(max_new_tokens=4), None, leaves)
         leaves.result()
-        assert keeps.result().token_ids == reference(model, tok, short)[:NEW]
-        seen = [w for w in widths if w]
-        assert n_long in seen and n_short in seen, (n_short, n_long, sorted(set(widths)))
-        assert seen[-1] == n_short  # after the long prompt left, only the short one's columns
+        assert keeps.result().token_ids == reference(model, tok, short)
+        assert n_long in widths, (n_short, n_long, widths)
+        last_wide = max(i for i, w in enumerate(widths) if w == n_long)
+        assert widths[last_wide + 1 :] and set(widths[last_wide + 1 :]) == {n_short}, widths
         assert engine.stats()["encoder_width"] == 0  # nothing runs, nothing is held
     finally:
         engine.close()
+
+
+def test_generation_config_settings_are_applied_or_refused():
+    """A model's configured repetition penalty is applied as ``generate`` applies it (greedy
+    output still equal, alone and joined, for a causal LM and an encoder-decoder); settings
+    the engine does not implement (beam search) make it refuse the model with the reason."""
+    from actors.engine import engine_unsupported
+
+    for model, tok in (_llama(), _seq2seq()):
+        plain = [reference(model, tok, p) for p in PROMPTS[:4]]
+        model.generation_config.repetition_penalty = 1.8
+        penalised = [reference(model, tok, p) for p in PROMPTS[:4]]
+        assert penalised != plain  # the penalty changes this model's text
+        assert engine_unsupported(model) is None
+        engine = ContinuousBatchingEngine(model, tok)
+        try:
+            outputs = _staggered_joins(engine, [NEW] * 4)
+        finally:
+            engine.close()
+        assert [done.token_ids for done in outputs] == penalised
+        model.generation_config.num_beams = 4
+        assert "num_beams=4" in (engine_unsupported(model) or "")
+        with pytest.raises(ValueError, match="num_beams=4"):
+            ContinuousBatchingEngine(model, tok)
 
 
 def test_absolute_position_encoder_decoders_are_refused_and_that_is_needed(monkeypatch):
