@@ -263,6 +263,25 @@ def test_full_queue_answers_503_with_retry_after(generator_app):
     assert ok.status_code == 200
 
 
+def _burst(url: str, engine_of: str, payloads: list[dict]) -> list[str]:
+    """Send ``payloads`` to ``/v1/completions`` all at once (streamed or not, as each says)
+    and return their texts, after checking that ``engine_of``'s engine ran some decode step
+    with more than one of them (they shared the running batch)."""
+
+    def run(payload: dict) -> str:
+        if payload["stream"]:
+            return _stream_text(url, payload)
+        return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
+
+    before = _engine(engine_of)["decode_batch_sizes"]
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        texts = list(pool.map(run, payloads))
+    after = _engine(engine_of)["decode_batch_sizes"]
+    grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
+    assert max(grown) > 1, (before, after)  # they did share decode steps
+    return texts
+
+
 def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
     """Base and two adapters, streamed and not, sent together so they share the running
     batch: each text equals in-process ``generate`` with that adapter alone."""
@@ -272,22 +291,11 @@ def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
     for name in names[1:]:  # load both adapters before the burst
         assert _post(url, "/v1/completions", {"model": name, "prompt": "hi"}).status_code == 200
 
-    def run(job: tuple[str, bool]) -> str:
-        name, stream = job
-        payload = {"model": name, "prompt": PROMPT, "stream": stream}
-        if stream:
-            return _stream_text(url, payload)
-        return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
-
-    before = _engine("tiny-lm")["decode_batch_sizes"]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        texts = list(pool.map(run, jobs))
-    after = _engine("tiny-lm")["decode_batch_sizes"]
+    payloads = [{"model": name, "prompt": PROMPT, "stream": stream} for name, stream in jobs]
+    texts = _burst(url, "tiny-lm", payloads)
     for (name, _), text in zip(jobs, texts, strict=True):
         adapter = None if name == "tiny-lm" else str(base.parent / f"lora-{name[-1]}")
         assert text == _reference(base, PROMPT, adapter), name
-    grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
-    assert max(grown) > 1, (before, after)  # they did share decode steps
 
 
 def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(generator_app):
@@ -300,22 +308,12 @@ def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(gen
     jobs = [(p, stream, n) for p, n in zip(prompts, (48, 24, 36), strict=True)
             for stream in (False, True)]  # fmt: skip
 
-    def run(job: tuple[str, bool, int]) -> str:
-        prompt, stream, new = job
-        payload = {"model": "tiny-t5", "prompt": prompt, "max_tokens": new, "stream": stream}
-        if stream:
-            return _stream_text(url, payload)
-        return _post(url, "/v1/completions", payload).json()["choices"][0]["text"]
-
-    before = _engine("tiny-t5")["decode_batch_sizes"]
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        texts = list(pool.map(run, jobs))
-    after = _engine("tiny-t5")["decode_batch_sizes"]
+    payloads = [{"model": "tiny-t5", "prompt": p, "max_tokens": n, "stream": stream}
+                for p, stream, n in jobs]  # fmt: skip
+    texts = _burst(url, "tiny-t5", payloads)
     for (prompt, stream, new), text in zip(jobs, texts, strict=True):
         assert text == _reference(base.parent / "t5", prompt, new=new), (prompt, stream)
     assert any(texts)
-    grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
-    assert max(grown) > 1, (before, after)
 
 
 def test_generative_task_route(generator_app):
