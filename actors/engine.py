@@ -25,6 +25,11 @@ decoders (BART, Marian, Pegasus, ...) number positions from the batch's cache wi
 joined row would shift; ``engine_unsupported`` says so and the server keeps them on static
 batches.
 
+Prefill (causal LMs): a prompt that starts like a recent one reuses that one's kept K/V
+(``actors.prefix_cache``) and runs only the rest of its tokens; newcomers that arrive together
+run left-padded to the longest, or packed into one row under a block mask when that costs
+fewer FLOPs (``_pack``). Either way each prompt's rows join the running batch left-padded.
+
 The engine behind the Serve generator is any object with the ``Engine`` interface (submit →
 events through a sink, cancel, stats, close): an external engine (vLLM through Ray Serve LLM on
 GPU clusters) can stand behind the same deployment. No Ray here.
@@ -47,6 +52,7 @@ from typing import Any, Protocol
 import torch
 
 from actors.generation import Completion, SamplingParams, stop_token_ids, trim_at_stop
+from actors.prefix_cache import KV, PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,9 @@ class EngineLimits:
     """Requests waiting for a slot; past this, submit raises ``EngineOverloaded``."""
     max_prefill_tokens: int = 4096
     """Prompt tokens prefilled in one step (bounds the pause a join causes running streams)."""
+    prefix_cache_tokens: int = 4096
+    """Prompt tokens whose K/V are kept for reuse by later prompts that start the same way
+    (causal LMs; see ``actors.prefix_cache``); memory beside the running cache. 0 = off."""
 
 
 class Engine(Protocol):
@@ -240,6 +249,19 @@ class ContinuousBatchingEngine:
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
+        # An encoder attends both ways, so a shared prompt start does not fix its states: only
+        # causal prompts are kept for reuse.
+        self.prefix = None if self._seq2seq else PrefixCache()
+        # Newcomers may run packed (no padding computed) under SDPA, whose kernels take the
+        # block mask that needs; flash attention and eager models take left-padded rows, and
+        # so do sliding-window models (a hand-made mask would not apply their window).
+        # None: packed where ``_pack`` estimates it cheaper; True / False: wherever possible /
+        # never (tests and benchmarks compare the two).
+        impl = getattr(getattr(self._base(), "config", None), "_attn_implementation", None)
+        windowed = getattr(config, "sliding_window", None) is not None
+        packable = not self._seq2seq and impl == "sdpa" and not windowed
+        self.packing: bool | None = None if packable else False
+        self._hidden = int(getattr(config, "hidden_size", 0) or 1024)
         # A relative-position decoder has no position table to run past.
         self._max_positions = None if self._seq2seq else (
             getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -326,8 +348,17 @@ class ContinuousBatchingEngine:
             "decode_batch_sizes": dict(self.decode_sizes),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "latency_s": dict(self.latency),
+            "prefix_cache": {"entries": len(self.prefix), "tokens": self.prefix.tokens}
+            if self.prefix is not None else None,
             **dict(self.counters),
-        }
+        }  # fmt: skip
+
+    def forget_adapter(self, adapter: str) -> None:
+        """Drop the kept prompt K/V computed through an adapter (it is being unloaded: a new
+        adapter under the same name must not meet them). Takes ``lock``."""
+        with self.lock:
+            if self.prefix is not None:
+                self.prefix.forget(adapter)
 
     def close(self) -> None:
         """Fail every queued and running request and end the thread."""
@@ -430,16 +461,23 @@ class ContinuousBatchingEngine:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _forward(self, seqs: Sequence[_Seq], **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        """The model's forward for these rows → (logits of each row's last position, output)."""
+    def _forward(
+        self, seqs: Sequence[_Seq], keep: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """The model's forward for these rows (one adapter per row) → (logits of each row's
+        last position, output); with ``keep`` (a single row's column indices), the logits at
+        those columns."""
         from peft import PeftModel
 
         if isinstance(self.model, PeftModel):
             kwargs["adapter_names"] = [s.adapter or "__base__" for s in seqs]
         if self._keep_logits:
-            kwargs["logits_to_keep"] = 1
+            kwargs["logits_to_keep"] = 1 if keep is None else keep
         out = self.model(use_cache=True, return_dict=True, **kwargs)
-        return out.logits[:, -1, :].float(), out
+        if keep is None:
+            return out.logits[:, -1, :].float(), out
+        logits = out.logits[0] if self._keep_logits else out.logits[0, keep]
+        return logits.float(), out
 
     def _prefill(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
         """Prefill newcomers together; if that fails, one at a time, so a prompt that makes the
@@ -462,44 +500,9 @@ class ContinuousBatchingEngine:
         events += [(s.sink, "error", err) for s in seqs]
 
     def _prefill_rows(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
-        from transformers import DynamicCache, EncoderDecoderCache
-
-        device = self._device()
-        n, width = len(seqs), max(len(s.prompt_ids) for s in seqs)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else 0
-        input_ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            # causal prompts end at the same column (left-padded), encoder inputs start at 0
-            cols = (
-                slice(0, len(seq.prompt_ids))
-                if self._seq2seq
-                else slice(width - len(seq.prompt_ids), width)
-            )
-            input_ids[row, cols] = torch.tensor(seq.prompt_ids)
-            mask[row, cols] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        self.prefill_sizes[n] += 1  # attempts: a failed prefill counts too
+        self.prefill_sizes[len(seqs)] += 1  # attempts: a failed prefill counts too
         started = time.perf_counter()
-        if self._seq2seq:
-            # One forward for both: the encoder's output feeds the first decoder step anyway.
-            cache: Any = EncoderDecoderCache(DynamicCache(), DynamicCache())
-            first = torch.full((n, 1), self._start, dtype=torch.long, device=device)
-            dec_mask = torch.ones((n, 1), dtype=torch.long, device=device)
-            logits, out = self._forward(
-                seqs, input_ids=input_ids, attention_mask=mask, decoder_input_ids=first,
-                decoder_attention_mask=dec_mask, **{self._cache_arg: cache},
-            )  # fmt: skip
-            self._join(cache, dec_mask, (out.encoder_last_hidden_state, mask))
-        else:
-            cache = DynamicCache()
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits, _ = self._forward(
-                seqs, input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                **{self._cache_arg: cache},
-            )  # fmt: skip
-            self._join(cache, mask)
+        logits = self._prefill_seq2seq(seqs) if self._seq2seq else self._prefill_causal(seqs)
         for seq in seqs:
             # the position of the token just fed (_advance moves on): the last prompt
             # token's, or the decoder start's
@@ -509,10 +512,205 @@ class ContinuousBatchingEngine:
         self._advance(seqs, logits, events)
         now = time.perf_counter()
         self.latency.update(
-            requests=n,
+            requests=len(seqs),
             waiting=sum(started - s.submitted for s in seqs),
             first_token=sum(now - s.submitted for s in seqs),
         )
+
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else 0
+
+    def _prefill_seq2seq(self, seqs: list[_Seq]) -> torch.Tensor:
+        """Encode the prompts (right-padded, as ``generate`` does) and take each decoder's
+        first step in the same forward; join the rows; the first step's logits."""
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        device = self._device()
+        n, width = len(seqs), max(len(s.prompt_ids) for s in seqs)
+        input_ids = torch.full((n, width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq.prompt_ids)] = torch.tensor(seq.prompt_ids)
+            mask[row, : len(seq.prompt_ids)] = 1
+        input_ids, mask = input_ids.to(device), mask.to(device)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        first = torch.full((n, 1), self._start, dtype=torch.long, device=device)
+        dec_mask = torch.ones((n, 1), dtype=torch.long, device=device)
+        logits, out = self._forward(
+            seqs, input_ids=input_ids, attention_mask=mask, decoder_input_ids=first,
+            decoder_attention_mask=dec_mask, **{self._cache_arg: cache},
+        )  # fmt: skip
+        self._join(cache, dec_mask, (out.encoder_last_hidden_state, mask))
+        self.counters["prefill_tokens"] += int(mask.sum())
+        return logits
+
+    def _prefill_causal(self, seqs: list[_Seq]) -> torch.Tensor:
+        """Prefill causal prompts, join their rows (left-padded to end at one column) and
+        return the last prompt tokens' logits.
+
+        A prompt that starts like a kept one (``prefix``) runs only the rest of its tokens,
+        after the kept K/V. Newcomers run packed into one row (``_run_packed``) or left-padded
+        (``_run_padded``), as ``_pack`` decides. Each prompt's own K/V is kept for later
+        prompts afterwards."""
+        from transformers import DynamicCache
+
+        limit = self.limits.prefix_cache_tokens if self.prefix is not None else 0
+        if self.prefix is not None and self.prefix.tokens > limit:  # lowered (hot config)
+            self.prefix.shrink(limit)
+        hits = [
+            self.prefix.lookup(s.adapter, s.prompt_ids) if self.prefix and limit else (0, None)
+            for s in seqs
+        ]
+        width = max(len(s.prompt_ids) for s in seqs)
+        run = self._run_packed if self._pack(seqs, hits) else self._run_padded
+        logits, layers = run(seqs, hits, width)
+        if self.prefix is not None and limit:
+            for row, seq in enumerate(seqs):
+                cols = slice(width - len(seq.prompt_ids), width)
+                own = [(k[row : row + 1, :, cols], v[row : row + 1, :, cols]) for k, v in layers]
+                self.prefix.store(seq.adapter, seq.prompt_ids, own, limit)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self._device())
+        for row, seq in enumerate(seqs):
+            mask[row, width - len(seq.prompt_ids) :] = 1
+        self._join(DynamicCache(ddp_cache_data=layers), mask)
+        reused = sum(p for p, _ in hits)
+        self.counters["prefix_hits"] += sum(p > 0 for p, _ in hits)
+        self.counters["prefix_tokens"] += reused
+        self.counters["prefill_tokens"] += sum(len(s.prompt_ids) for s in seqs) - reused
+        return logits
+
+    # A packed prefill's boolean mask holds (prompt tokens run) x (tokens attended) entries:
+    # past this many, newcomers are left-padded instead.
+    PACKED_MASK_ELEMENTS = 1 << 26
+
+    def _pack(self, seqs: list[_Seq], hits: list[tuple[int, KV | None]]) -> bool:
+        """Whether newcomers run packed: under SDPA, all through one adapter (PEFT picks
+        adapters per batch row), and (``packing`` None) when that costs fewer FLOPs than
+        left-padded rows. Packing
+        runs no padding but attends densely across the whole row (the mask hides what is not
+        a prompt's own): per layer a token's projections and MLP cost ~24h² FLOPs (a
+        llama-shaped block of width h), one query-key pair ~4h."""
+        if self.packing is False or len(seqs) < 2 or len({s.adapter for s in seqs}) > 1:
+            return False
+        rests = [len(s.prompt_ids) - p for s, (p, _) in zip(seqs, hits, strict=True)]
+        kept = [p for p, _ in hits]
+        run, width = sum(rests), max(rests)
+        if run * (sum(kept) + run) > self.PACKED_MASK_ELEMENTS:
+            return False
+        if self.packing:
+            return True
+        pair = 1 / (6 * self._hidden)  # a pair's FLOPs in tokens' FLOPs
+
+        def cost(tokens: int, pairs: int) -> float:
+            return tokens + pairs * pair
+
+        packed = cost(run, run * (sum(kept) + run))
+        padded = cost(len(seqs) * width, len(seqs) * width * (max(kept) + width))
+        return packed < padded
+
+    @staticmethod
+    def _rows(cache: Any, source: torch.Tensor, columns: list[torch.Tensor], width: int) -> KV:
+        """Each prompt's K/V out of a prefill's cache as left-padded rows ``[n, heads, width,
+        head_dim]``: prompt ``i`` reads batch row ``source[i]`` at ``columns[i]``, in order.
+        One gather per tensor, its padding zeroed."""
+        device = source.device
+        index = torch.zeros((len(columns), width), dtype=torch.long)
+        padding = torch.ones((len(columns), width), dtype=torch.bool)
+        for row, cols in enumerate(columns):
+            index[row, width - len(cols) :] = cols
+            padding[row, width - len(cols) :] = False
+        index, padding = index.to(device), padding.to(device)[:, :, None, None]
+        rows = source[:, None].expand_as(index)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            picked = t[rows, :, index].masked_fill_(padding, 0)  # [n, width, H, D]
+            return picked.permute(0, 2, 1, 3)
+
+        return [(gather(layer.keys), gather(layer.values)) for layer in cache.layers]
+
+    def _run_padded(
+        self, seqs: list[_Seq], hits: list[tuple[int, KV | None]], width: int
+    ) -> tuple[torch.Tensor, KV]:
+        """One forward over left-padded rows, reused K/V left-padded to the longest reused
+        prefix before them (a row's mask has a hole between its prefix and the rest) → each
+        row's last logits and its K/V as rows ``width`` wide."""
+        from transformers import DynamicCache
+
+        device, n = self._device(), len(seqs)
+        kept = max(p for p, _ in hits)
+        run = max(len(s.prompt_ids) - p for s, (p, _) in zip(seqs, hits, strict=True))
+        input_ids = torch.full((n, run), self._pad_id(), dtype=torch.long)
+        positions = torch.zeros((n, run), dtype=torch.long)
+        mask = torch.zeros((n, kept + run), dtype=torch.long)
+        for row, (seq, (p, _)) in enumerate(zip(seqs, hits, strict=True)):
+            rest = len(seq.prompt_ids) - p
+            input_ids[row, run - rest :] = torch.tensor(seq.prompt_ids[p:])
+            positions[row, run - rest :] = torch.arange(p, len(seq.prompt_ids))
+            mask[row, kept - p : kept] = 1
+            mask[row, kept + run - rest :] = 1
+        past = None
+        if kept:
+            sample = next(kv for _, kv in hits if kv is not None)
+
+            def prefix(p: int, kv: KV | None, layer: int, part: int) -> torch.Tensor:
+                if kv is not None:
+                    return _pad(kv[layer][part], kept - p, 2)
+                like = sample[layer][part]
+                return like.new_zeros((1, like.shape[1], kept, like.shape[3]))
+
+            past = [tuple(torch.cat([prefix(p, kv, layer, part) for p, kv in hits])
+                          for part in (0, 1)) for layer in range(len(sample))]  # fmt: skip
+        cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+        logits, _ = self._forward(
+            seqs, input_ids=input_ids.to(device), attention_mask=mask.to(device),
+            position_ids=positions.to(device), **{self._cache_arg: cache},
+        )  # fmt: skip
+        columns = [row.nonzero().squeeze(1) for row in mask]
+        source = torch.arange(n, device=device)
+        return logits, self._rows(cache, source, columns, width)
+
+    def _run_packed(
+        self, seqs: list[_Seq], hits: list[tuple[int, KV | None]], width: int
+    ) -> tuple[torch.Tensor, KV]:
+        """One forward over one row: the prompts' remaining tokens back to back, after their
+        reused K/V back to back, under a block mask (each prompt attends its own prefix and,
+        causally, its own tokens: the same computation as each alone, with no padding) → each
+        prompt's last logits and its K/V as rows ``width`` wide. Why by hand: transformers
+        packs sequences only without a cache (its packed-mask detection needs no cache)."""
+        from transformers import DynamicCache
+
+        device = self._device()
+        lengths = [len(s.prompt_ids) - p for s, (p, _) in zip(seqs, hits, strict=True)]
+        kept, run = sum(p for p, _ in hits), sum(lengths)
+        ids = [t for s, (p, _) in zip(seqs, hits, strict=True) for t in s.prompt_ids[p:]]
+        positions = [q for s, (p, _) in zip(seqs, hits, strict=True)
+                     for q in range(p, len(s.prompt_ids))]  # fmt: skip
+        mask = torch.zeros((1, 1, run, kept + run), dtype=torch.bool)
+        columns, ends = [], []
+        past_at, at = 0, 0
+        for (p, _), n in zip(hits, lengths, strict=True):
+            mask[0, 0, at : at + n, past_at : past_at + p] = True
+            block = torch.ones((n, n), dtype=torch.bool).tril()
+            mask[0, 0, at : at + n, kept + at : kept + at + n] = block
+            columns.append(torch.cat([torch.arange(past_at, past_at + p),
+                                      torch.arange(kept + at, kept + at + n)]))  # fmt: skip
+            ends.append(at + n - 1)
+            past_at, at = past_at + p, at + n
+        past = None
+        if kept:
+            reused = [kv for _, kv in hits if kv is not None]
+            past = [tuple(torch.cat([kv[layer][part] for kv in reused], dim=2) for part in (0, 1))
+                    for layer in range(len(reused[0]))]  # fmt: skip
+        cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+        logits, _ = self._forward(
+            seqs[:1], keep=torch.tensor(ends, device=device),
+            input_ids=torch.tensor([ids], device=device), attention_mask=mask.to(device),
+            position_ids=torch.tensor([positions], device=device), **{self._cache_arg: cache},
+        )  # fmt: skip
+        self.counters["packed_prefills"] += 1
+        source = torch.zeros(len(seqs), dtype=torch.long, device=device)
+        return logits, self._rows(cache, source, columns, width)
 
     def _layers(self, cache: Any) -> tuple[list[Any], list[Any]]:
         """(self-attention layers, cross-attention layers) of a cache."""

@@ -36,6 +36,12 @@ class SchedulerArgs(BaseModel):
     max_prefill_tokens: int = Field(
         default=4096, ge=1, description="prompt tokens prefilled per step (joins that wait)"
     )
+    prefix_cache_tokens: int = Field(
+        default=4096,
+        ge=0,
+        description="prompt tokens whose K/V are kept so that later prompts starting the same "
+        "way (a system prompt, earlier chat turns) prefill only the rest; causal LMs; 0 = off",
+    )
     stream_interval_s: float = Field(
         default=0.05,
         ge=0,

@@ -161,6 +161,8 @@ class GeneratorBase:
             if name not in self.loaded_adapters:
                 return
             self.loaded_adapters.remove(name)
+            if self.engine is not None:  # its kept prompt K/V go with it
+                self.engine.forget_adapter(name)
             if self.loaded_adapters:
                 self.model.delete_adapter(name)
             else:  # the last one: back to the plain base (PEFT can't hold zero adapters)

@@ -316,6 +316,13 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
         for name, ids in outputs.items():
             assert ids == alone(name)[: len(ids)], name
         assert outputs["a"] != outputs["b"] != outputs[None]
+        if kind == "llama":  # again: each adapter's kept prompt K/V serve its own repeat
+            again = {name: Recorder() for name in (None, "a", "b")}
+            with engine.lock:
+                for name, rec in again.items():
+                    engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=NEW), name, rec)
+            assert {name: rec.result().token_ids for name, rec in again.items()} == outputs
+            assert engine.stats()["prefix_hits"] == 3, engine.stats()
     finally:
         engine.close()
 
