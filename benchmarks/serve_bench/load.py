@@ -257,7 +257,11 @@ def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float)
         "seconds": {k: round(v, 3) for k, v in secs.items()},
         "busy_share": busy / wall_s if wall_s > 0 else None,
         "prefill_share_of_busy": secs.get("prefill", 0.0) / busy if busy > 0 else None,
-    }
+        # prompt tokens run, and reused from the prefix cache (by how many requests); forwards
+        # that ran newcomers packed into one row
+        **{k: after.get(k, 0) - before.get(k, 0)
+           for k in ("prefill_tokens", "prefix_tokens", "prefix_hits", "packed_prefills")},
+    }  # fmt: skip
 
 
 async def _stream_one(client: httpx.AsyncClient, url: str, job: dict[str, Any]) -> dict[str, Any]:
