@@ -249,18 +249,20 @@ class ContinuousBatchingEngine:
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
-        # An encoder attends both ways, so a shared prompt start does not fix its states: only
-        # causal prompts are kept for reuse.
-        self.prefix = None if self._seq2seq else PrefixCache()
+        # Reuse and packing change where a prompt's tokens sit in the cache (a hole after a
+        # reused prefix, prompts side by side in one row): right for full causal attention
+        # over position_ids, wrong where masks count columns — sliding windows and chunked
+        # attention — or positions come from the mask (ALiBi). Those models, and encoders
+        # (they attend both ways, so a shared start does not fix their states), get neither.
+        plain = not self._seq2seq and _plain_attention(config)
+        self.prefix = PrefixCache() if plain else None
         # Newcomers may run packed (no padding computed) under SDPA, whose kernels take the
-        # block mask that needs; flash attention and eager models take left-padded rows, and
-        # so do sliding-window models (a hand-made mask would not apply their window).
+        # block mask that needs; flash attention and eager models take left-padded rows.
         # None: packed where ``_pack`` estimates it cheaper; True / False: wherever possible /
         # never (tests and benchmarks compare the two).
         impl = getattr(getattr(self._base(), "config", None), "_attn_implementation", None)
-        windowed = getattr(config, "sliding_window", None) is not None
-        packable = not self._seq2seq and impl == "sdpa" and not windowed
-        self.packing: bool | None = None if packable else False
+        self._packable = plain and impl == "sdpa"
+        self.packing: bool | None = None if self._packable else False
         self._hidden = int(getattr(config, "hidden_size", 0) or 1024)
         # A relative-position decoder has no position table to run past.
         self._max_positions = None if self._seq2seq else (
@@ -558,14 +560,24 @@ class ContinuousBatchingEngine:
         limit = self.limits.prefix_cache_tokens if self.prefix is not None else 0
         if self.prefix is not None and self.prefix.tokens > limit:  # lowered (hot config)
             self.prefix.shrink(limit)
+        reuse = self.prefix is not None and limit > 0
         hits = [
-            self.prefix.lookup(s.adapter, s.prompt_ids) if self.prefix and limit else (0, None)
+            self.prefix.lookup(s.adapter, s.prompt_ids) if reuse and self.prefix else (0, None)
             for s in seqs
         ]
         width = max(len(s.prompt_ids) for s in seqs)
-        run = self._run_packed if self._pack(seqs, hits) else self._run_padded
-        logits, layers = run(seqs, hits, width)
-        if self.prefix is not None and limit:
+        if self._pack(seqs, hits):
+            try:
+                logits, layers = self._run_packed(seqs, hits, width)
+            except Exception as err:
+                logits, layers = self._run_padded(seqs, hits, width)  # raises if the rows do
+                # Only packing failed: a forward that cannot take the block mask.
+                log.warning("packed prefill failed, newcomers run left-padded from now on: %s",
+                            err)  # fmt: skip
+                self._packable = False
+        else:
+            logits, layers = self._run_padded(seqs, hits, width)
+        if reuse and self.prefix is not None:
             for row, seq in enumerate(seqs):
                 cols = slice(width - len(seq.prompt_ids), width)
                 own = [(k[row : row + 1, :, cols], v[row : row + 1, :, cols]) for k, v in layers]
@@ -591,7 +603,9 @@ class ContinuousBatchingEngine:
         runs no padding but attends densely across the whole row (the mask hides what is not
         a prompt's own): per layer a token's projections and MLP cost ~24h² FLOPs (a
         llama-shaped block of width h), one query-key pair ~4h."""
-        if self.packing is False or len(seqs) < 2 or len({s.adapter for s in seqs}) > 1:
+        if not self._packable or self.packing is False:
+            return False
+        if len(seqs) < 2 or len({s.adapter for s in seqs}) > 1:
             return False
         rests = [len(s.prompt_ids) - p for s, (p, _) in zip(seqs, hits, strict=True)]
         kept = [p for p, _ in hits]
@@ -634,7 +648,9 @@ class ContinuousBatchingEngine:
     ) -> tuple[torch.Tensor, KV]:
         """One forward over left-padded rows, reused K/V left-padded to the longest reused
         prefix before them (a row's mask has a hole between its prefix and the rest) → each
-        row's last logits and its K/V as rows ``width`` wide."""
+        row's last logits and its K/V as rows ``width`` wide. Every row gets those prefix
+        columns for this forward, reused or not: one long reuse among many fresh prompts
+        costs memory and attention in all of them, until the rows are joined."""
         from transformers import DynamicCache
 
         device, n = self._device(), len(seqs)
@@ -913,6 +929,25 @@ class ContinuousBatchingEngine:
         events.append((seq.sink, "done", done))
         seq.done = True  # leaves the batch at the next _drop
         self.counters["finished"] += 1
+
+
+def _plain_attention(config: Any) -> bool:
+    """Full causal attention placed by ``position_ids``: no sliding window, no chunked
+    attention, no layer of another kind, no ALiBi (whose positions come from the mask)."""
+    if config is None:
+        return False
+    if getattr(config, "sliding_window", None) is not None:
+        return False
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return False
+    alibi = getattr(config, "alibi", False) or getattr(config, "model_type", "") in (
+        "bloom",
+        "mpt",
+        "jais",
+    )
+    return not alibi
 
 
 def _decoder_start(model: Any) -> int:

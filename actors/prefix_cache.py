@@ -86,7 +86,9 @@ class PrefixCache:
         return n, [(k[:, :, :n], v[:, :, :n]) for k, v in best.kv]
 
     def _deepest(self, chain: list[int]) -> _Entry | None:
-        """The most recent entry that shares the most whole blocks of ``chain``."""
+        """The most recently stored entry that shares the most whole blocks of ``chain``
+        (not always the longest match: another entry may share up to a block's tokens more;
+        comparing every entry under a shared system prompt would cost more than it saves)."""
         best = None
         for h in chain:
             found = self._index.get(h)
