@@ -565,27 +565,28 @@ class ContinuousBatchingEngine:
             self.prefix.lookup(s.adapter, s.prompt_ids) if reuse and self.prefix else (0, None)
             for s in seqs
         ]
+        # the newcomers' rows as they join the running batch: left-padded to the longest
         width = max(len(s.prompt_ids) for s in seqs)
+        joined = torch.zeros((len(seqs), width), dtype=torch.long, device=self._device())
+        for row, seq in enumerate(seqs):
+            joined[row, width - len(seq.prompt_ids) :] = 1
         if self._pack(seqs, hits):
             try:
-                logits, layers = self._run_packed(seqs, hits, width)
+                logits, layers = self._run_packed(seqs, hits, joined)
             except Exception as err:
-                logits, layers = self._run_padded(seqs, hits, width)  # raises if the rows do
+                logits, layers = self._run_padded(seqs, hits, joined)  # raises if the rows do
                 # Only packing failed: a forward that cannot take the block mask.
                 log.warning("packed prefill failed, newcomers run left-padded from now on: %s",
                             err)  # fmt: skip
                 self._packable = False
         else:
-            logits, layers = self._run_padded(seqs, hits, width)
+            logits, layers = self._run_padded(seqs, hits, joined)
         if reuse and self.prefix is not None:
             for row, seq in enumerate(seqs):
                 cols = slice(width - len(seq.prompt_ids), width)
                 own = [(k[row : row + 1, :, cols], v[row : row + 1, :, cols]) for k, v in layers]
                 self.prefix.store(seq.adapter, seq.prompt_ids, own, limit)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self._device())
-        for row, seq in enumerate(seqs):
-            mask[row, width - len(seq.prompt_ids) :] = 1
-        self._join(DynamicCache(ddp_cache_data=layers), mask)
+        self._join(DynamicCache(ddp_cache_data=layers), joined)
         reused = sum(p for p, _ in hits)
         self.counters["prefix_hits"] += sum(p > 0 for p, _ in hits)
         self.counters["prefix_tokens"] += reused
@@ -599,10 +600,9 @@ class ContinuousBatchingEngine:
     def _pack(self, seqs: list[_Seq], hits: list[tuple[int, KV | None]]) -> bool:
         """Whether newcomers run packed: under SDPA, all through one adapter (PEFT picks
         adapters per batch row), and (``packing`` None) when that costs fewer FLOPs than
-        left-padded rows. Packing
-        runs no padding but attends densely across the whole row (the mask hides what is not
-        a prompt's own): per layer a token's projections and MLP cost ~24h² FLOPs (a
-        llama-shaped block of width h), one query-key pair ~4h."""
+        left-padded rows. Packing runs no padding but attends densely across the whole row
+        (the mask hides what is not a prompt's own): per layer a token's projections and MLP
+        cost ~24h² FLOPs (a llama-shaped block of width h), one query-key pair ~4h."""
         if not self._packable or self.packing is False:
             return False
         if len(seqs) < 2 or len({s.adapter for s in seqs}) > 1:
@@ -624,17 +624,17 @@ class ContinuousBatchingEngine:
         return packed < padded
 
     @staticmethod
-    def _rows(cache: Any, source: torch.Tensor, columns: list[torch.Tensor], width: int) -> KV:
-        """Each prompt's K/V out of a prefill's cache as left-padded rows ``[n, heads, width,
-        head_dim]``: prompt ``i`` reads batch row ``source[i]`` at ``columns[i]``, in order.
-        One gather per tensor, its padding zeroed."""
-        device = source.device
+    def _rows(
+        cache: Any, source: torch.Tensor, columns: list[torch.Tensor], joined: torch.Tensor
+    ) -> KV:
+        """Each prompt's K/V out of a prefill's cache as the rows ``joined`` lays out (left-
+        padded, ``[n, heads, width, head_dim]``): prompt ``i`` reads batch row ``source[i]``
+        at ``columns[i]``, in order. One gather per tensor, its padding zeroed."""
+        device, width = source.device, joined.shape[1]
         index = torch.zeros((len(columns), width), dtype=torch.long)
-        padding = torch.ones((len(columns), width), dtype=torch.bool)
         for row, cols in enumerate(columns):
             index[row, width - len(cols) :] = cols
-            padding[row, width - len(cols) :] = False
-        index, padding = index.to(device), padding.to(device)[:, :, None, None]
+        index, padding = index.to(device), (joined == 0)[:, :, None, None]
         rows = source[:, None].expand_as(index)
 
         def gather(t: torch.Tensor) -> torch.Tensor:
@@ -644,11 +644,11 @@ class ContinuousBatchingEngine:
         return [(gather(layer.keys), gather(layer.values)) for layer in cache.layers]
 
     def _run_padded(
-        self, seqs: list[_Seq], hits: list[tuple[int, KV | None]], width: int
+        self, seqs: list[_Seq], hits: list[tuple[int, KV | None]], joined: torch.Tensor
     ) -> tuple[torch.Tensor, KV]:
         """One forward over left-padded rows, reused K/V left-padded to the longest reused
         prefix before them (a row's mask has a hole between its prefix and the rest) → each
-        row's last logits and its K/V as rows ``width`` wide. Every row gets those prefix
+        row's last logits and its K/V as rows laid out as ``joined``. Every row gets those prefix
         columns for this forward, reused or not: one long reuse among many fresh prompts
         costs memory and attention in all of them, until the rows are joined."""
         from transformers import DynamicCache
@@ -684,15 +684,15 @@ class ContinuousBatchingEngine:
         )  # fmt: skip
         columns = [row.nonzero().squeeze(1) for row in mask]
         source = torch.arange(n, device=device)
-        return logits, self._rows(cache, source, columns, width)
+        return logits, self._rows(cache, source, columns, joined)
 
     def _run_packed(
-        self, seqs: list[_Seq], hits: list[tuple[int, KV | None]], width: int
+        self, seqs: list[_Seq], hits: list[tuple[int, KV | None]], joined: torch.Tensor
     ) -> tuple[torch.Tensor, KV]:
         """One forward over one row: the prompts' remaining tokens back to back, after their
         reused K/V back to back, under a block mask (each prompt attends its own prefix and,
         causally, its own tokens: the same computation as each alone, with no padding) → each
-        prompt's last logits and its K/V as rows ``width`` wide. Why by hand: transformers
+        prompt's last logits and its K/V as rows laid out as ``joined``. Why by hand: transformers
         packs sequences only without a cache (its packed-mask detection needs no cache)."""
         from transformers import DynamicCache
 
@@ -726,7 +726,7 @@ class ContinuousBatchingEngine:
         )  # fmt: skip
         self.counters["packed_prefills"] += 1
         source = torch.zeros(len(seqs), dtype=torch.long, device=device)
-        return logits, self._rows(cache, source, columns, width)
+        return logits, self._rows(cache, source, columns, joined)
 
     def _layers(self, cache: Any) -> tuple[list[Any], list[Any]]:
         """(self-attention layers, cross-attention layers) of a cache."""
