@@ -1,4 +1,5 @@
-"""Continuous (iteration-level) batching for causal LMs and T5-family encoder-decoders: one
+"""Continuous (iteration-level) batching for causal LMs and encoder-decoders (T5 and BART
+families): one
 scheduler per replica owns the model; requests join the running batch between decode steps
 and leave as soon as they finish.
 
@@ -18,12 +19,13 @@ left-padded batch.
 An encoder-decoder keeps an ``EncoderDecoderCache``: its decoder self-attention rows are joined
 and trimmed like a causal LM's, its cross-attention rows, encoder states and encoder mask are
 right-padded to the widest prompt (the encoder side is right-padded, as ``generate`` encodes
-seq2seq prompts). Decoders take no per-sequence positions, so only families whose decoder
-positions are relative (T5's bias over the query-key distance) can hold rows that started at
-different steps: left-padding shifts both ends of that distance alike. Absolute-position
-decoders (BART, Marian, Pegasus, ...) number positions from the batch's cache width, which a
-joined row would shift; ``engine_unsupported`` says so and the server keeps them on static
-batches.
+seq2seq prompts). Decoders take no per-sequence positions. Where positions are relative (T5's
+bias over the query-key distance), left-padding shifts both ends of that distance alike, so
+rows that started at different steps need nothing more. Absolute-position decoders (BART,
+mBART, Marian, Pegasus, M2M100/NLLB) number a step's positions from the batch's shared cache
+width, which a joined row's would not be: the engine hooks their position module and gives
+each row the embedding of its own position (``_RowPositions``). Other families are refused
+(``engine_unsupported``) and the server keeps them on static batches.
 
 Prefill (causal LMs): a prompt that starts like a recent one reuses that one's kept K/V
 (``actors.prefix_cache``) and runs only the rest of its tokens; newcomers that arrive together
@@ -159,6 +161,12 @@ def _pad(t: torch.Tensor, n: int, dim: int, left: bool = True) -> torch.Tensor:
 # row's decoder cache leaves every distance, hence every output, unchanged (tested per family).
 RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5"})
 
+# Encoder-decoder families whose decoder adds ``embed_positions(..., cache_length, ...)`` — a
+# function of the step's position alone — to its token embeddings: the engine recomputes that
+# output per row (``_RowPositions``), so rows that joined at different steps each get their own
+# position (tested per family).
+ABSOLUTE_DECODERS = frozenset({"bart", "mbart", "marian", "pegasus", "m2m_100"})
+
 # ``generation_config`` settings that ``generate`` applies and the engine does not (it applies
 # the config's repetition_penalty, then samples or takes the argmax per row, with per-request
 # temperature, top-k, top-p, stop and budget).
@@ -195,15 +203,88 @@ def engine_unsupported(model: Any) -> str | None:
     kind = getattr(config, "model_type", "?")
     if kind in RELATIVE_DECODERS:
         return None
+    if kind in ABSOLUTE_DECODERS and _position_module(model) is not None:
+        return None
+    covered = ", ".join(sorted(RELATIVE_DECODERS | ABSOLUTE_DECODERS))
     return (
-        f"the '{kind}' decoder numbers positions from the batch's shared cache length, so a "
-        f"sequence joining mid-batch would get shifted positions (continuous batching covers "
-        f"the encoder-decoders {', '.join(sorted(RELATIVE_DECODERS))})"
+        f"the '{kind}' decoder numbers positions from the batch's shared cache length and the "
+        f"engine does not know how to give its rows their own, so a sequence joining "
+        f"mid-batch would get shifted positions (continuous batching covers the "
+        f"encoder-decoders {covered})"
     )
 
 
+def _position_module(model: Any) -> torch.nn.Module | None:
+    """The decoder's ``embed_positions`` module of an absolute-position encoder-decoder, if it
+    takes the step's ``cache_length`` (what ``_RowPositions`` replaces per row)."""
+    get_base = getattr(model, "get_base_model", None)  # under PEFT, the wrapped model
+    base = get_base() if get_base is not None else model
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if get_decoder is not None else None
+    module = getattr(decoder, "embed_positions", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    if "cache_length" not in inspect.signature(module.forward).parameters:
+        return None
+    return module
+
+
+class _RowPositions:
+    """Each decoder row's own position embedding in a joined batch, for absolute-position
+    encoder-decoders.
+
+    Why by hand: these decoders compute one position for a step from the batch's shared
+    cache width (``cache_length``) and take no per-row positions, and transformers has no
+    switch for it. A row that joined the batch later has fewer decoder tokens than that width,
+    so this forward hook on the decoder's position module replaces its output during decode
+    steps: for each distinct row position it calls the module's own ``forward`` with that
+    ``cache_length`` (and ``position_ids`` moved by as much, where the decoder passes them),
+    which is what ``generate`` computes for that sequence alone, and gives each row its
+    position's embedding. Prefill needs nothing: every newcomer's decoder starts at 0. The
+    rows are the engine thread's own, so a ``generate`` on the same model in another thread
+    runs unchanged.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.signature = inspect.signature(module.forward)
+        self._local = threading.local()
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
+
+    @property
+    def rows(self) -> list[int] | None:
+        """This thread's row positions (set around each decode forward), or None."""
+        return getattr(self._local, "rows", None)
+
+    @rows.setter
+    def rows(self, rows: list[int] | None) -> None:
+        self._local.rows = rows
+
+    def _hook(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> torch.Tensor | None:
+        rows = self.rows
+        if rows is None:
+            return None
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = dict(bound.arguments)
+        shared = int(call["cache_length"])
+        given = call.get("position_ids")
+        by_position: dict[int, torch.Tensor] = {}
+        for position in sorted(set(rows)):
+            call["cache_length"] = position
+            if given is not None:
+                call["position_ids"] = given - shared + position
+            own = module.forward(**call)
+            # (steps, d), (1, steps, d) or (rows, steps, d), as each family returns it
+            by_position[position] = own if own.dim() == 3 else own.unsqueeze(0)
+        return torch.stack(
+            [by_position[p][i if by_position[p].shape[0] > 1 else 0] for i, p in enumerate(rows)]
+        )
+
+
 class ContinuousBatchingEngine:
-    """Iteration-level scheduler over a causal LM or a T5-family encoder-decoder (see the
+    """Iteration-level scheduler over a causal LM or a T5- or BART-family encoder-decoder (see the
     module docstring; ``engine_unsupported`` names the models it refuses).
 
     One thread runs steps: admit waiting requests that fit the limits (FIFO) and prefill them,
@@ -249,6 +330,9 @@ class ContinuousBatchingEngine:
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
+        kind = getattr(config, "model_type", None)
+        module = _position_module(model) if self._seq2seq and kind in ABSOLUTE_DECODERS else None
+        self._row_positions = _RowPositions(module) if module is not None else None
         # Reuse and packing change where a prompt's tokens sit in the cache (a hole after a
         # reused prefix, prompts side by side in one row): right for full causal attention
         # over position_ids, wrong where masks count columns — sliding windows and chunked
@@ -265,7 +349,7 @@ class ContinuousBatchingEngine:
         self.packing: bool | None = None if self._packable else False
         self._hidden = int(getattr(config, "hidden_size", 0) or 1024)
         # A relative-position decoder has no position table to run past.
-        self._max_positions = None if self._seq2seq else (
+        self._max_positions = None if self._seq2seq and self._row_positions is None else (
             getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         )  # fmt: skip
         accepted = inspect.signature(self._base().forward).parameters
@@ -369,6 +453,8 @@ class ContinuousBatchingEngine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._row_positions is not None:  # the model may outlive its engine
+            self._row_positions.handle.remove()
 
     # ----- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -790,7 +876,13 @@ class ContinuousBatchingEngine:
             positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long,
                                      device=device)  # fmt: skip
             inputs = {"input_ids": tokens, "attention_mask": self._mask, "position_ids": positions}
-        logits, _ = self._forward(seqs, **inputs, **{self._cache_arg: self._cache})
+        if self._row_positions is not None:
+            self._row_positions.rows = [s.position for s in seqs]
+        try:
+            logits, _ = self._forward(seqs, **inputs, **{self._cache_arg: self._cache})
+        finally:
+            if self._row_positions is not None:
+                self._row_positions.rows = None
         self.decode_sizes[len(seqs)] += 1
         self._advance(seqs, logits, events)
 

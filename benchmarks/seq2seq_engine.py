@@ -1,9 +1,10 @@
 """Continuous batching for an encoder-decoder, in process: taskray's engine
-(``actors.engine.ContinuousBatchingEngine``) against ``model.generate`` on a T5-shaped model
-with random weights, one CPU thread, greedy decoding.
+(``actors.engine.ContinuousBatchingEngine``) against ``model.generate`` on a T5-shaped or a
+BART-shaped model with random weights, one CPU thread, greedy decoding.
 
-    python benchmarks/seq2seq_engine.py            # ~2 minutes on 2 cores
-    python benchmarks/seq2seq_engine.py --smoke    # seconds; what CI runs
+    python benchmarks/seq2seq_engine.py                  # T5, ~2 minutes on 2 cores
+    python benchmarks/seq2seq_engine.py --family bart    # BART (absolute decoder positions)
+    python benchmarks/seq2seq_engine.py --smoke [--family bart]   # seconds; what CI runs
 
 For each width w in 1, 4, 8, 16 it measures:
 - ``static``: ``generate`` over w prompts at once (right-padded encoder inputs), tokens/s: what
@@ -17,7 +18,8 @@ For each width w in 1, 4, 8, 16 it measures:
 
 Every engine completion is checked against ``generate`` alone for its prompt (greedy: the text
 must be the same); any mismatch makes the script exit 1. Prints a table and writes
-benchmarks/results/seq2seq_engine[-smoke].json. Ratios are between figures of one invocation.
+benchmarks/results/seq2seq_engine[-bart][-smoke].json. Ratios are between figures of one
+invocation.
 """
 
 from __future__ import annotations
@@ -45,19 +47,37 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"d_model": 384, "d_kv": 64, "d_ff": 1536, "num_layers": 6,
               "num_decoder_layers": 6, "num_heads": 6, "initializer_factor": 5.0},
 }  # fmt: skip
+# BART-shaped sizes of the same widths and depths (BART's config, ``tiny:t5``'s tokenizer).
+BART_SIZES: dict[str, dict[str, Any]] = {
+    "toy": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_ffn_dim": 128,
+            "decoder_ffn_dim": 128, "encoder_attention_heads": 4, "decoder_attention_heads": 4},
+    "small": {"d_model": 384, "encoder_layers": 6, "decoder_layers": 6,
+              "encoder_ffn_dim": 1536, "decoder_ffn_dim": 1536, "encoder_attention_heads": 6,
+              "decoder_attention_heads": 6},
+}  # fmt: skip
 
 
-def build(size: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of ``SIZES[size]``, random weights (seed 0)."""
+def build(size: str, family: str = "t5") -> tuple[Any, Any]:
+    """(model, tokenizer) of ``SIZES[size]`` (or ``BART_SIZES[size]``), random weights (seed
+    0)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from actors.tiny import tiny_model_path
 
     source = tiny_model_path("tiny:t5")
+    tok = AutoTokenizer.from_pretrained(source)
     torch.manual_seed(0)
-    config = AutoConfig.from_pretrained(source, **SIZES[size])
+    if family == "t5":
+        config = AutoConfig.from_pretrained(source, **SIZES[size])
+    else:
+        config = AutoConfig.for_model(
+            "bart", vocab_size=len(tok), max_position_embeddings=512, dropout=0.0,
+            attention_dropout=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
+            forced_eos_token_id=None, **BART_SIZES[size],
+        )  # fmt: skip
     model = AutoModelForSeq2SeqLM.from_config(config).eval()
-    return model, AutoTokenizer.from_pretrained(source)
+    return model, tok
 
 
 class Bench:
@@ -121,6 +141,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="toy model, 2 widths; seconds")
     parser.add_argument("--size", choices=sorted(SIZES), help="model size (default: small)")
+    parser.add_argument(
+        "--family",
+        choices=("t5", "bart"),
+        default="t5",
+        help="T5-shaped (relative positions) or BART-shaped (absolute)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--passes", type=int, default=3, help="measurements pooled per width")
     args = parser.parse_args()
@@ -128,9 +154,9 @@ def main() -> None:
     widths = (1, 4) if args.smoke else (1, 4, 8, 16)
     passes = 1 if args.smoke else args.passes
     torch.set_num_threads(1)  # as a generator replica with num_cpus < 2 runs
-    model, tok = build(size)
+    model, tok = build(size, args.family)
     params = sum(p.numel() for p in model.parameters())
-    print(f"seq2seq engine: {size} T5 ({params / 1e6:.1f}M parameters), "
+    print(f"seq2seq engine: {size} {args.family.upper()} ({params / 1e6:.1f}M parameters), "
           f"{args.max_tokens} greedy tokens per request, 1 thread", flush=True)  # fmt: skip
     bench = Bench(model, tok, args.max_tokens)
     bench.static(2)  # warm-up
@@ -157,8 +183,12 @@ def main() -> None:
               f"{row['engine_over_static']:>13.2f}x {row['engine_over_alone']:>12.2f}x "
               f"{row['engine_mean_decode_batch']:>11.1f}", flush=True)  # fmt: skip
     print(f"engine texts differing from generate alone: {bench.mismatches}")
+    shape = f"tiny:t5 config with {SIZES[size]}"
+    if args.family == "bart":
+        shape = f"BART config with {BART_SIZES[size]}"
     report = {
-        "model": f"tiny:t5 config with {SIZES[size]}, random weights (seed 0)",
+        "model": f"{shape}, random weights (seed 0)",
+        "family": args.family,
         "size": size,
         "parameters": params,
         "max_tokens": args.max_tokens,
@@ -169,7 +199,8 @@ def main() -> None:
         "smoke": args.smoke,
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"seq2seq_engine{'-smoke' if args.smoke else ''}.json"
+    family = "" if args.family == "t5" else f"-{args.family}"
+    path = RESULTS / f"seq2seq_engine{family}{'-smoke' if args.smoke else ''}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     if bench.mismatches:

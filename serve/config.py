@@ -21,8 +21,8 @@ class GenerationDefaults(BaseModel):
 
 
 class SchedulerArgs(BaseModel):
-    """The continuous-batching engine of a generator replica: a causal LM or a T5-family
-    encoder-decoder (hot: ``user_config``).
+    """The continuous-batching engine of a generator replica: a causal LM or a T5- or
+    BART-family encoder-decoder (hot: ``user_config``).
     Budgets are reserved whole when a request joins (prompt + its max tokens), so a running
     request is never preempted; past ``max_queued`` waiting requests the server answers 503."""
 
@@ -85,12 +85,12 @@ class ServedModel(BaseModel):
         default=32,
         ge=1,
         le=1024,
-        description="static batches (heads, BART-like seq2seq generators)",
+        description="static batches (heads; generators the engine refuses, e.g. beam search)",
     )
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=5)
     scheduler: SchedulerArgs = Field(
         default_factory=SchedulerArgs,
-        description="continuous batching of causal-LM and T5-family generators",
+        description="continuous batching of causal-LM and encoder-decoder generators",
     )
     generation: GenerationDefaults = GenerationDefaults()
     device: str = "auto"

@@ -3,7 +3,8 @@ token alone and inside a busy batch that requests join and leave mid-decode (a r
 GPT-2 with learned positions, where an off-by-one position changes the text, and T5-family
 encoder-decoders with a pronounced relative position bias), mixed LoRA adapters in one batch,
 per-request seeds, stop sequences, bounded queue and KV budget, cancellation, a failing prompt
-that fails alone, and the refusal of absolute-position encoder-decoders (shown to be needed)."""
+that fails alone, BART-family encoder-decoders through per-row decoder positions (shown to be
+needed), and the refusal of families the engine has no positions for."""
 
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ def _gpt2(n_positions: int = 128) -> tuple[Any, Any]:
 
 
 def _seq2seq(kind: str = "t5", position_scale: float = 30.0) -> tuple[Any, Any]:
-    """A tiny random encoder-decoder of ``kind`` (T5-shaped configs, the project's tiny
-    tokenizer; T5 weights drawn 5x wider than T5's init, which with 2 layers decodes one
-    token over and over) with its position weights scaled by ``position_scale``."""
+    """A tiny random encoder-decoder of ``kind`` (T5-family or BART-family configs, the
+    project's tiny tokenizer; T5 weights drawn 5x wider than T5's init, which with 2 layers
+    decodes one token over and over) with its position weights scaled by ``position_scale``
+    (and a BART-family cross-attention 8x wider)."""
     import transformers
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -60,9 +62,9 @@ def _seq2seq(kind: str = "t5", position_scale: float = 30.0) -> tuple[Any, Any]:
         "eos_token_id": tok.eos_token_id,
         "decoder_start_token_id": tok.pad_token_id,
     }
-    if kind == "bart":
-        config: Any = transformers.BartConfig(
-            d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    if kind in ("bart", "mbart", "marian", "pegasus", "m2m_100"):
+        config: Any = transformers.AutoConfig.for_model(
+            kind, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
             max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
             bos_token_id=tok.pad_token_id, forced_eos_token_id=None, **ids,
@@ -84,12 +86,20 @@ def _seq2seq(kind: str = "t5", position_scale: float = 30.0) -> tuple[Any, Any]:
         for name, weight in model.named_parameters():
             if "relative_attention_bias" in name or "embed_positions" in name:
                 weight.mul_(position_scale)
+            # BART-family cross-attention at init barely reads the encoder (every prompt would
+            # decode alike): widened so that each prompt gets its own text
+            if "encoder_attn.out_proj" in name or "encoder_attn.v_proj" in name:
+                weight.mul_(8.0)
+        for name, table in model.named_buffers():  # sinusoidal tables kept as buffers (M2M100)
+            if "embed_positions" in name:
+                table.mul_(position_scale)
     return model, tok
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "t5"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "t5", "bart"])
 def lm(request) -> tuple[Any, Any]:
-    return {"llama": _llama, "gpt2": _gpt2, "t5": _seq2seq}[request.param]()
+    return {"llama": _llama, "gpt2": _gpt2, "t5": _seq2seq,
+            "bart": lambda: _seq2seq("bart", position_scale=10.0)}[request.param]()  # fmt: skip
 
 
 def reference(model: Any, tok: Any, prompt: str, new: int = NEW) -> list[int]:
@@ -273,16 +283,16 @@ def test_stop_sequence_is_trimmed_and_never_streamed(lm):
         engine.close()
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5"])
+@pytest.mark.parametrize("kind", ["llama", "t5", "bart"])
 def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
     """Base, adapter a and adapter b in one running batch (PEFT's mixed-adapter forward):
     each output equals PEFT's own ``generate`` with only that adapter active."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    model, tok = _llama() if kind == "llama" else _seq2seq()
+    model, tok = _llama() if kind == "llama" else _seq2seq(kind, position_scale=10.0)
     auto = AutoModelForCausalLM if kind == "llama" else AutoModelForSeq2SeqLM
-    targets = ["q_proj", "v_proj"] if kind == "llama" else ["q", "v"]
+    targets = ["q", "v"] if kind == "t5" else ["q_proj", "v_proj"]
     model.save_pretrained(tmp_path / "base")
     for name, seed in (("a", 1), ("b", 2)):
         torch.manual_seed(seed)
@@ -413,33 +423,60 @@ def test_generation_config_settings_are_applied_or_refused():
             ContinuousBatchingEngine(model, tok)
 
 
-def test_absolute_position_encoder_decoders_are_refused_and_that_is_needed(monkeypatch):
-    """BART numbers decoder positions from the batch's shared cache width: the engine refuses
-    it with the reason (the server then keeps static batches), and forcing it in shows why —
-    a row that joins a running batch decodes differently from ``generate`` alone."""
+@pytest.mark.parametrize("kind", ["bart", "mbart", "marian", "pegasus", "m2m_100"])
+def test_absolute_position_encoder_decoders_join_exactly_through_row_positions(kind, monkeypatch):
+    """BART-family decoders number a step's positions from the batch's shared cache width:
+    with the engine's per-row positions, rows that joined at different steps each decode as
+    ``generate`` alone; with the hook switched off (the positions the model computes itself),
+    some joined row decodes differently, so the hook is what makes them exact."""
     import actors.engine as engine_module
-    from actors.engine import engine_unsupported
+    from actors.engine import ABSOLUTE_DECODERS, engine_unsupported
 
-    model, tok = _seq2seq("bart", position_scale=50.0)
-    reason = engine_unsupported(model)
-    assert reason is not None and "'bart'" in reason and "t5" in reason
-    with pytest.raises(ValueError, match="continuous batching: the 'bart' decoder"):
-        ContinuousBatchingEngine(model, tok)
-    assert engine_unsupported(_llama()[0]) is None and engine_unsupported(_seq2seq()[0]) is None
-
-    monkeypatch.setattr(engine_module, "RELATIVE_DECODERS", frozenset({"bart"}))
+    assert kind in ABSOLUTE_DECODERS
+    model, tok = _seq2seq(kind, position_scale=10.0)
+    assert engine_unsupported(model) is None
+    lengths = [NEW, 6, NEW, 12, 3, 20]
+    wants = [reference(model, tok, PROMPTS[i % len(PROMPTS)], n) for i, n in enumerate(lengths)]
     engine = ContinuousBatchingEngine(model, tok)
-    lengths = [NEW, NEW, NEW, NEW]
     try:
         outputs = _staggered_joins(engine, lengths)
-        wrong = [
-            i
-            for i, done in enumerate(outputs)
-            if done.token_ids != reference(model, tok, PROMPTS[i], NEW)[: len(done.token_ids)]
-        ]
-        assert wrong, "every joined BART row decoded as alone: the refusal would be needless"
+        assert [done.token_ids for done in outputs] == wants
+        assert max(engine.stats()["decode_batch_sizes"]) >= 3
     finally:
         engine.close()
+    # the hook is gone with its engine: the model decodes as before
+    assert reference(model, tok, PROMPTS[0], lengths[0]) == wants[0]
+
+    monkeypatch.setattr(engine_module._RowPositions, "_hook", lambda *args: None)
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        outputs = _staggered_joins(engine, lengths)
+    finally:
+        engine.close()
+    wrong = [i for i, done in enumerate(outputs) if done.token_ids != wants[i]]
+    assert wrong, f"every joined {kind} row decoded as alone without the row positions"
+
+
+def test_unknown_absolute_position_encoder_decoders_are_refused():
+    """An encoder-decoder family the engine has no positions for (FSMT) is refused with the
+    reason, and the server keeps it on static batches; causal LMs and T5 are admitted."""
+    import transformers
+
+    from actors.engine import engine_unsupported
+
+    config = transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=64, tgt_vocab_size=64, d_model=32,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+    )  # fmt: skip
+    model = transformers.FSMTForConditionalGeneration(config).eval()
+    model.generation_config.num_beams = 1  # FSMT's defaults (beam search) are refused anyway
+    model.generation_config.forced_eos_token_id = None
+    reason = engine_unsupported(model)
+    assert reason is not None and "'fsmt'" in reason and "bart" in reason and "t5" in reason
+    with pytest.raises(ValueError, match="continuous batching: the 'fsmt' decoder"):
+        ContinuousBatchingEngine(model, None)
+    assert engine_unsupported(_llama()[0]) is None and engine_unsupported(_seq2seq()[0]) is None
 
 
 def test_queue_bound_refuses_and_kv_budget_makes_requests_wait():

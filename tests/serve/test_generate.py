@@ -61,6 +61,12 @@ def generator_app(ray_session, tmp_path_factory):
                 "num_cpus": 0.2,
                 "generation": {"max_new_tokens": MAX_NEW},
             },
+            {  # ... or BARTs, whose decoder positions are absolute
+                "name": "tiny-bart",
+                "bundle": str(tiny_seq2seq_dir(tmp / "bart", "bart")),
+                "num_cpus": 0.2,
+                "generation": {"max_new_tokens": MAX_NEW},
+            },
         ],
     }
     with deployed_app(app_config(args), tmp, timeout_s=180) as url:
@@ -298,9 +304,10 @@ def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
         assert text == _reference(base, PROMPT, adapter), name
 
 
-def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(generator_app):
-    """A T5 behind the same routes runs on the continuous-batching engine: streamed and
-    non-streamed requests with different token budgets, sent together, share decode steps,
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(generator_app, kind):
+    """A T5 or a BART behind the same routes runs on the continuous-batching engine: streamed
+    and non-streamed requests with different token budgets, sent together, share decode steps,
     and each text equals in-process seq2seq ``generate`` alone."""
     url, base = generator_app
     prompts = [PROMPT, "Translate to French: the train is late.", "Summarize: rain all week."]
@@ -308,11 +315,11 @@ def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(gen
     jobs = [(p, stream, n) for p, n in zip(prompts, (48, 24, 36), strict=True)
             for stream in (False, True)]  # fmt: skip
 
-    payloads = [{"model": "tiny-t5", "prompt": p, "max_tokens": n, "stream": stream}
+    payloads = [{"model": f"tiny-{kind}", "prompt": p, "max_tokens": n, "stream": stream}
                 for p, stream, n in jobs]  # fmt: skip
-    texts = _burst(url, "tiny-t5", payloads)
+    texts = _burst(url, f"tiny-{kind}", payloads)
     for (prompt, stream, new), text in zip(jobs, texts, strict=True):
-        assert text == _reference(base.parent / "t5", prompt, new=new), (prompt, stream)
+        assert text == _reference(base.parent / kind, prompt, new=new), (prompt, stream)
     assert any(texts)
 
 
