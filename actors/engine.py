@@ -203,8 +203,14 @@ def engine_unsupported(model: Any) -> str | None:
     kind = getattr(config, "model_type", "?")
     if kind in RELATIVE_DECODERS:
         return None
-    if kind in ABSOLUTE_DECODERS and _position_module(model) is not None:
-        return None
+    if kind in ABSOLUTE_DECODERS:
+        if _position_module(model) is not None:
+            return None
+        return (
+            f"the '{kind}' decoder's position module takes no cache length here (another "
+            f"transformers version?), which the engine needs to give each row of a joined "
+            f"batch its own position"
+        )
     covered = ", ".join(sorted(RELATIVE_DECODERS | ABSOLUTE_DECODERS))
     return (
         f"the '{kind}' decoder numbers positions from the batch's shared cache length and the "
@@ -214,9 +220,14 @@ def engine_unsupported(model: Any) -> str | None:
     )
 
 
+# What the decoders pass their position module as the step's cache length (transformers 5.25
+# renamed ``past_key_values_length``).
+_LENGTH_ARGS = ("cache_length", "past_key_values_length")
+
+
 def _position_module(model: Any) -> torch.nn.Module | None:
     """The decoder's ``embed_positions`` module of an absolute-position encoder-decoder, if it
-    takes the step's ``cache_length`` (what ``_RowPositions`` replaces per row)."""
+    takes the step's cache length (what ``_RowPositions`` replaces per row)."""
     get_base = getattr(model, "get_base_model", None)  # under PEFT, the wrapped model
     base = get_base() if get_base is not None else model
     get_decoder = getattr(base, "get_decoder", None)
@@ -224,7 +235,7 @@ def _position_module(model: Any) -> torch.nn.Module | None:
     module = getattr(decoder, "embed_positions", None)
     if not isinstance(module, torch.nn.Module):
         return None
-    if "cache_length" not in inspect.signature(module.forward).parameters:
+    if not set(_LENGTH_ARGS) & set(inspect.signature(module.forward).parameters):
         return None
     return module
 
@@ -247,17 +258,19 @@ class _RowPositions:
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.signature = inspect.signature(module.forward)
-        self._local = threading.local()
+        self.length_arg = next(a for a in _LENGTH_ARGS if a in self.signature.parameters)
+        self._rows: tuple[int, list[int]] | None = None  # (engine thread id, row positions)
         self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
     @property
     def rows(self) -> list[int] | None:
-        """This thread's row positions (set around each decode forward), or None."""
-        return getattr(self._local, "rows", None)
+        """The row positions of the decode step this thread runs, or None."""
+        owner = self._rows
+        return owner[1] if owner is not None and owner[0] == threading.get_ident() else None
 
     @rows.setter
     def rows(self, rows: list[int] | None) -> None:
-        self._local.rows = rows
+        self._rows = None if rows is None else (threading.get_ident(), rows)
 
     def _hook(
         self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -268,11 +281,11 @@ class _RowPositions:
         bound = self.signature.bind(*args, **kwargs)
         bound.apply_defaults()
         call = dict(bound.arguments)
-        shared = int(call["cache_length"])
+        shared = int(call[self.length_arg])
         given = call.get("position_ids")
         by_position: dict[int, torch.Tensor] = {}
         for position in sorted(set(rows)):
-            call["cache_length"] = position
+            call[self.length_arg] = position
             if given is not None:
                 call["position_ids"] = given - shared + position
             own = module.forward(**call)
@@ -348,10 +361,15 @@ class ContinuousBatchingEngine:
         self._packable = plain and impl == "sdpa"
         self.packing: bool | None = None if self._packable else False
         self._hidden = int(getattr(config, "hidden_size", 0) or 1024)
-        # A relative-position decoder has no position table to run past.
-        self._max_positions = None if self._seq2seq and self._row_positions is None else (
-            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        )  # fmt: skip
+        # A relative-position decoder has no position table to run past, nor has a sinusoidal
+        # one that grows on demand (M2M100's ``make_weights``); an absolute encoder's table
+        # bounds the prompt (past it the encoder's lookup fails, on CUDA for the whole batch).
+        table = getattr(config, "max_position_embeddings", None) or getattr(
+            config, "n_positions", None
+        )
+        grows = module is not None and hasattr(module, "make_weights")
+        self._max_positions = None if self._seq2seq and (module is None or grows) else table
+        self._max_prompt = table if module is not None and not grows else None
         accepted = inspect.signature(self._base().forward).parameters
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
@@ -372,6 +390,11 @@ class ContinuousBatchingEngine:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("prompt: empty after tokenisation")
+        if self._max_prompt is not None and len(ids) > self._max_prompt:
+            raise ValueError(
+                f"prompt: {len(ids)} tokens, more than the model's {self._max_prompt} positions; "
+                "shorten it"
+            )
         need = len(ids) + params.max_new_tokens
         if need > self.limits.max_cached_tokens:
             raise ValueError(

@@ -90,7 +90,7 @@ class ServedModel(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=5)
     scheduler: SchedulerArgs = Field(
         default_factory=SchedulerArgs,
-        description="continuous batching of causal-LM and encoder-decoder generators",
+        description="continuous batching of causal-LM and T5-/BART-family generators",
     )
     generation: GenerationDefaults = GenerationDefaults()
     device: str = "auto"

@@ -318,7 +318,9 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
     engine = ContinuousBatchingEngine(served, tok)
     try:
         recs = {name: Recorder() for name in (None, "a", "b")}
-        with engine.lock:  # hold the first step so all three run in the same batch
+        # holding the lock keeps the first step waiting until all three are queued: they
+        # decode together (prefilled in one group, or the first alone and two after it)
+        with engine.lock:
             for name, rec in recs.items():
                 engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=NEW), name, rec)
         outputs = {name: rec.result().token_ids for name, rec in recs.items()}
@@ -444,8 +446,8 @@ def test_absolute_position_encoder_decoders_join_exactly_through_row_positions(k
         assert max(engine.stats()["decode_batch_sizes"]) >= 3
     finally:
         engine.close()
-    # the hook is gone with its engine: the model decodes as before
-    assert reference(model, tok, PROMPTS[0], lengths[0]) == wants[0]
+    # the hook is gone with its engine
+    assert not engine_module._position_module(model)._forward_hooks
 
     monkeypatch.setattr(engine_module._RowPositions, "_hook", lambda *args: None)
     engine = ContinuousBatchingEngine(model, tok)
@@ -455,6 +457,43 @@ def test_absolute_position_encoder_decoders_join_exactly_through_row_positions(k
         engine.close()
     wrong = [i for i, done in enumerate(outputs) if done.token_ids != wants[i]]
     assert wrong, f"every joined {kind} row decoded as alone without the row positions"
+
+
+def test_row_positions_give_each_row_what_its_module_gives_it_alone():
+    """The hook's output, row by row, is the position module's own output for that row's input
+    and cache length alone — including M2M100's padding-aware positions, where a row feeding
+    the pad token gets another embedding than its neighbour at the same step."""
+    from actors.engine import _position_module, _RowPositions
+
+    model, _ = _seq2seq("m2m_100")
+    module = _position_module(model)
+    hook = _RowPositions(module)
+    token, pad = 7, model.config.pad_token_id
+    ids = torch.tensor([[token], [pad], [token]])
+    embeds = torch.zeros(3, 1, model.config.d_model)
+    try:
+        hook.rows = [3, 3, 9]
+        out = module(ids, embeds, 11)  # the batch's shared cache length
+        hook.rows = None
+        for row, length in enumerate([3, 3, 9]):
+            alone = module(ids[row : row + 1], embeds[row : row + 1], length)
+            assert torch.equal(out[row], alone[0]), row
+        assert not torch.equal(out[0], out[1])  # the pad row is numbered as padding
+    finally:
+        hook.handle.remove()
+
+
+def test_prompts_past_an_absolute_encoders_positions_are_refused():
+    """A prompt longer than a BART encoder's position table is refused at submit with the
+    limit (its lookup would fail in prefill — on CUDA, for the whole batch)."""
+    model, tok = _seq2seq("bart", position_scale=10.0)
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        with pytest.raises(ValueError, match="more than the model's 256 positions"):
+            engine.submit("word " * 400, SamplingParams(max_new_tokens=4), None, Recorder())
+        assert wait_result(engine, PROMPTS[0], SamplingParams(max_new_tokens=4)).token_ids
+    finally:
+        engine.close()
 
 
 def test_unknown_absolute_position_encoder_decoders_are_refused():
