@@ -168,15 +168,15 @@ RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5"})
 ABSOLUTE_DECODERS = frozenset({"bart", "mbart", "marian", "pegasus", "m2m_100"})
 
 # ``generation_config`` settings that ``generate`` applies and the engine does not (it applies
-# the config's repetition_penalty, then samples or takes the argmax per row, with per-request
-# temperature, top-k, top-p, stop and budget).
+# the config's repetition_penalty and forced first and last tokens, then samples or takes the
+# argmax per row, with per-request temperature, top-k, top-p, stop and budget).
 # A model that sets any of them is served by static ``generate`` so that its output is the
 # output its authors configured; the values are those of a default ``GenerationConfig``.
 _UNAPPLIED_SETTINGS: dict[str, Any] = {
     "num_beams": 1, "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "min_length": 0,
-    "min_new_tokens": None, "bad_words_ids": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+    "min_new_tokens": None, "bad_words_ids": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None,
     "sequence_bias": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
     "min_p": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
 }  # fmt: skip
@@ -338,8 +338,13 @@ class ContinuousBatchingEngine:
         self._eos = set(stop_token_ids(tokenizer, model))
         # generate applies the model's configured repetition penalty (Qwen2.5's is 1.05): so
         # does the engine, or greedy output would differ from the model's own.
-        penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
+        generation = getattr(model, "generation_config", None)
+        penalty = getattr(generation, "repetition_penalty", None)
         self._penalty = float(penalty) if penalty not in (None, 1.0) else None
+        # ... and its forced tokens: the first one (mBART's and NLLB's target language) and an
+        # EOS as the last one a request's budget allows (BART's config sets it)
+        self._forced_bos = getattr(generation, "forced_bos_token_id", None)
+        self._forced_eos = getattr(generation, "forced_eos_token_id", None)
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
@@ -946,10 +951,10 @@ class ContinuousBatchingEngine:
 
     # ----- tokens → text ------------------------------------------------------------------------
     def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
-        """The model's repetition penalty (if its generation_config sets one) on each row's
-        tokens so far; then greedy rows take the argmax, and sampled rows go through
-        transformers' own warpers, grouped by equal settings, and draw with their own
-        generator."""
+        """The model's repetition penalty and forced tokens (where its generation_config sets
+        them, through transformers' own processors) on each row's tokens so far; then greedy
+        rows take the argmax, and sampled rows go through transformers' own warpers, grouped
+        by equal settings, and draw with their own generator."""
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         if self._penalty is not None:
@@ -962,6 +967,8 @@ class ContinuousBatchingEngine:
                 seen = [*([self._start] if self._seq2seq else seq.prompt_ids), *seq.ids]
                 ids = torch.tensor([seen], dtype=torch.long, device=logits.device)
                 logits[row : row + 1] = penalise(ids, logits[row : row + 1])
+        if self._forced_bos is not None or self._forced_eos is not None:
+            self._force(seqs, logits)
         chosen = logits.argmax(dim=-1).tolist()
         groups: dict[tuple[float, int, float], list[int]] = {}
         for row, seq in enumerate(seqs):
@@ -980,6 +987,25 @@ class ContinuousBatchingEngine:
                 draw = torch.multinomial(probs[i], 1, generator=seqs[row].rng)
                 chosen[row] = int(draw)
         return chosen
+
+    def _force(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> None:
+        """Apply the configured forced first / last tokens as ``generate`` does: its
+        processors read only the length of the tokens so far (``cur_len``), and the last one
+        is forced at ``max_length - 1``, where ``max_length`` is that start plus the request's
+        ``max_new_tokens``."""
+        from transformers import ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
+
+        for row, seq in enumerate(seqs):
+            start = 1 if self._seq2seq else len(seq.prompt_ids)  # the decoder start, or prompt
+            so_far = torch.empty((1, start + seq.generated), dtype=torch.long)  # length only
+            scores = logits[row : row + 1]
+            if self._forced_bos is not None:
+                scores = ForcedBOSTokenLogitsProcessor(self._forced_bos)(so_far, scores)
+            if self._forced_eos is not None:
+                last = start + seq.params.max_new_tokens
+                force = ForcedEOSTokenLogitsProcessor(last, self._forced_eos, logits.device)
+                scores = force(so_far, scores)
+            logits[row : row + 1] = scores
 
     def _advance(
         self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]

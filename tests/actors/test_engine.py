@@ -425,6 +425,36 @@ def test_generation_config_settings_are_applied_or_refused():
             ContinuousBatchingEngine(model, tok)
 
 
+@pytest.mark.parametrize("kind", ["llama", "bart"])
+def test_configured_forced_first_and_last_tokens_are_applied_as_generate_applies_them(kind):
+    """A generation_config's forced first token (mBART's and NLLB's target language; for a
+    causal LM, only after a one-token prompt) and forced last token (BART's EOS at the
+    request's budget) shape the engine's output as they shape ``generate``'s, alone and with
+    rows joining mid-decode at different budgets."""
+    from actors.engine import engine_unsupported
+
+    model, tok = _llama() if kind == "llama" else _seq2seq(kind, position_scale=10.0)
+    lengths = [NEW, 6, 12, 3, 20]
+    plain = [reference(model, tok, PROMPTS[i], n) for i, n in enumerate(lengths)]
+    model.generation_config.forced_eos_token_id = tok.eos_token_id
+    forced_first = 42
+    if kind == "bart":
+        model.generation_config.forced_bos_token_id = forced_first
+    wants = [reference(model, tok, PROMPTS[i], n) for i, n in enumerate(lengths)]
+    assert wants != plain
+    for want, n in zip(wants, lengths, strict=True):
+        assert len(want) == n - 1  # the last token of each budget is the forced EOS
+        assert kind != "bart" or want[0] == forced_first
+    assert engine_unsupported(model) is None
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        outputs = _staggered_joins(engine, lengths)
+    finally:
+        engine.close()
+    assert [done.token_ids for done in outputs] == wants
+    assert {done.finish_reason for done in outputs} == {"stop"}
+
+
 @pytest.mark.parametrize("kind", ["bart", "mbart", "marian", "pegasus", "m2m_100"])
 def test_absolute_position_encoder_decoders_join_exactly_through_row_positions(kind, monkeypatch):
     """BART-family decoders number a step's positions from the batch's shared cache width:
