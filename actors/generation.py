@@ -155,9 +155,24 @@ def stream_generate(
 
     ``generate`` runs in a thread feeding a ``TextIteratorStreamer``. Text that could be the
     start of a stop sequence is held back until it is known not to be one, so a stop string
-    never reaches the client, even split across tokens.
+    never reaches the client, even split across tokens. A model whose generation_config asks
+    for beam search streams its text as one piece when the search ends: no beam is final
+    before, and transformers' streamers refuse beams.
     """
     from transformers import TextIteratorStreamer
+
+    if (getattr(getattr(model, "generation_config", None), "num_beams", None) or 1) > 1:
+        if lock is not None:
+            lock.acquire()
+        try:
+            (done,) = generate_batch(model, tokenizer, [prompt], params, seq2seq)
+        finally:
+            if lock is not None:
+                lock.release()
+        if done.text:
+            yield done.text
+        yield done
+        return
 
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, [prompt], seq2seq).items()}
@@ -207,6 +222,8 @@ def stream_generate(
     out = result.get("out")
     prompt_len = int(enc["attention_mask"][0].sum())
     new = out[0] if seq2seq else out[0, enc["input_ids"].shape[1] :]
+    if seq2seq:  # without the decoder start token (BART's is its EOS), as generate_batch
+        new = new[1:]
     eos = set(stop_token_ids(tokenizer, model))
     ids = [t for t in new.tolist() if t != tokenizer.pad_token_id or t in eos]
     ended = any(t in eos for t in ids)
