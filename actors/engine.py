@@ -39,6 +39,7 @@ GPU clusters) can stand behind the same deployment. No Ray here.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -341,10 +342,21 @@ class ContinuousBatchingEngine:
         generation = getattr(model, "generation_config", None)
         penalty = getattr(generation, "repetition_penalty", None)
         self._penalty = float(penalty) if penalty not in (None, 1.0) else None
-        # ... and its forced tokens: the first one (mBART's and NLLB's target language) and an
-        # EOS as the last one a request's budget allows (BART's config sets it)
-        self._forced_bos = getattr(generation, "forced_bos_token_id", None)
-        self._forced_eos = getattr(generation, "forced_eos_token_id", None)
+        # ... and its forced tokens, through transformers' processors: the first one (mBART's
+        # and NLLB's target language) and an EOS as the last one a request's budget allows
+        # (BART's config sets it). The EOS one is built per last position (it holds its ids as
+        # a device tensor), once, not per row and step.
+        from transformers import ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
+
+        first = getattr(generation, "forced_bos_token_id", None)
+        last = getattr(generation, "forced_eos_token_id", None)
+        self._force_first = ForcedBOSTokenLogitsProcessor(first) if first is not None else None
+        self._force_last: Callable[[int], Any] | None = None
+        if last is not None:
+            device = self._device()
+            self._force_last = functools.lru_cache(maxsize=256)(
+                lambda at: ForcedEOSTokenLogitsProcessor(at, last, device)
+            )
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
@@ -967,7 +979,7 @@ class ContinuousBatchingEngine:
                 seen = [*([self._start] if self._seq2seq else seq.prompt_ids), *seq.ids]
                 ids = torch.tensor([seen], dtype=torch.long, device=logits.device)
                 logits[row : row + 1] = penalise(ids, logits[row : row + 1])
-        if self._forced_bos is not None or self._forced_eos is not None:
+        if self._force_first is not None or self._force_last is not None:
             self._force(seqs, logits)
         chosen = logits.argmax(dim=-1).tolist()
         groups: dict[tuple[float, int, float], list[int]] = {}
@@ -993,18 +1005,14 @@ class ContinuousBatchingEngine:
         processors read only the length of the tokens so far (``cur_len``), and the last one
         is forced at ``max_length - 1``, where ``max_length`` is that start plus the request's
         ``max_new_tokens``."""
-        from transformers import ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
-
         for row, seq in enumerate(seqs):
             start = 1 if self._seq2seq else len(seq.prompt_ids)  # the decoder start, or prompt
             so_far = torch.empty((1, start + seq.generated), dtype=torch.long)  # length only
             scores = logits[row : row + 1]
-            if self._forced_bos is not None:
-                scores = ForcedBOSTokenLogitsProcessor(self._forced_bos)(so_far, scores)
-            if self._forced_eos is not None:
-                last = start + seq.params.max_new_tokens
-                force = ForcedEOSTokenLogitsProcessor(last, self._forced_eos, logits.device)
-                scores = force(so_far, scores)
+            if self._force_first is not None:
+                scores = self._force_first(so_far, scores)
+            if self._force_last is not None:
+                scores = self._force_last(start + seq.params.max_new_tokens)(so_far, scores)
             logits[row : row + 1] = scores
 
     def _advance(

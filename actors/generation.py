@@ -8,6 +8,7 @@ counts, and trims stop sequences from the returned text the way OpenAI's API doe
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -162,13 +163,8 @@ def stream_generate(
     from transformers import TextIteratorStreamer
 
     if (getattr(getattr(model, "generation_config", None), "num_beams", None) or 1) > 1:
-        if lock is not None:
-            lock.acquire()
-        try:
+        with lock if lock is not None else contextlib.nullcontext():
             (done,) = generate_batch(model, tokenizer, [prompt], params, seq2seq)
-        finally:
-            if lock is not None:
-                lock.release()
         if done.text:
             yield done.text
         yield done
