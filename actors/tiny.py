@@ -140,3 +140,39 @@ def tiny_model_path(name: str) -> str:
 
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def tiny_bart(kind: str = "bart", position_scale: float = 10.0, **dims: Any) -> tuple[Any, Any]:
+    """(model, tokenizer): a random BART-family encoder-decoder (``model_type`` ``kind``: bart,
+    mbart, marian, pegasus, m2m_100; 2+2 layers, d=64 unless ``dims`` say otherwise; seed 0)
+    with ``tiny:t5``'s tokenizer, for tests and benchmarks that compare its output with
+    ``generate``. At BART's init every prompt decodes to the same text and a shifted position
+    changes little, so such checks would prove nothing: its decoder's position table
+    (parameter or buffer) is scaled by ``position_scale`` and its cross-attention widened 8x."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny:t5"))
+    shape = {
+        "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+        "max_position_embeddings": 256, **dims,
+    }  # fmt: skip
+    config = AutoConfig.for_model(
+        kind, vocab_size=len(tok), dropout=0.0, attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
+        forced_eos_token_id=None, **shape,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "decoder.embed_positions" in name:
+                weight.mul_(position_scale)
+            if "encoder_attn.out_proj" in name or "encoder_attn.v_proj" in name:
+                weight.mul_(8.0)
+        for name, table in model.named_buffers():  # sinusoidal tables kept as buffers (M2M100)
+            if "decoder.embed_positions" in name:
+                table.mul_(position_scale)
+    return model, tok

@@ -47,9 +47,9 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"d_model": 384, "d_kv": 64, "d_ff": 1536, "num_layers": 6,
               "num_decoder_layers": 6, "num_heads": 6, "initializer_factor": 5.0},
 }  # fmt: skip
-# BART-shaped sizes of the same widths and depths (BART's config, ``tiny:t5``'s tokenizer). At
-# BART's init every prompt decodes to the same text, so equality checks would not tell a row
-# given another's position: ``build`` widens the decoder's position table and cross-attention.
+# BART-shaped sizes of the same widths and depths (``actors.tiny.tiny_bart``: BART's config,
+# ``tiny:t5``'s tokenizer, position tables and cross-attention widened so that equality checks
+# tell a row given another's position).
 BART_SIZES: dict[str, dict[str, Any]] = {
     "toy": {"d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_ffn_dim": 128,
             "decoder_ffn_dim": 128, "encoder_attention_heads": 4, "decoder_attention_heads": 4},
@@ -64,29 +64,15 @@ def build(size: str, family: str = "t5") -> tuple[Any, Any]:
     0)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from actors.tiny import tiny_model_path
+    from actors.tiny import tiny_bart, tiny_model_path
 
-    source = tiny_model_path("tiny:t5")
-    tok = AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(0)
-    if family == "t5":
-        config = AutoConfig.from_pretrained(source, **SIZES[size])
-    else:
-        config = AutoConfig.for_model(
-            "bart", vocab_size=len(tok), max_position_embeddings=512, dropout=0.0,
-            attention_dropout=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
-            forced_eos_token_id=None, **BART_SIZES[size],
-        )  # fmt: skip
-    model = AutoModelForSeq2SeqLM.from_config(config).eval()
     if family == "bart":
-        with torch.no_grad():
-            for name, weight in model.named_parameters():
-                if "decoder" in name and "embed_positions" in name:
-                    weight.mul_(10.0)
-                if "encoder_attn.out_proj" in name or "encoder_attn.v_proj" in name:
-                    weight.mul_(8.0)
-    return model, tok
+        return tiny_bart("bart", 10.0, max_position_embeddings=512, **BART_SIZES[size])
+    source = tiny_model_path("tiny:t5")
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(source, **SIZES[size])
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    return model, AutoTokenizer.from_pretrained(source)
 
 
 class Bench:

@@ -130,37 +130,24 @@ def tiny_seq2seq_dir(directory: Path, kind: str = "t5") -> Path:
     """A plain HF encoder-decoder directory with ``tiny:t5``'s tokenizer, random weights (seed
     0), saved as safetensors. ``t5``: ``tiny:t5``'s config, weights drawn 5x wider than T5's
     init (at T5's own scale two layers decode one token over and over, which would make
-    equality checks vacuous). ``bart`` (or another BART-family ``model_type``): a 2+2-layer
-    d=64 config whose decoder position table is scaled 10x, so a row given another row's
-    position decodes differently, and cross-attention 8x, so each prompt has its own text."""
+    equality checks vacuous). ``bart`` (or another BART-family ``model_type``):
+    ``actors.tiny.tiny_bart``, whose position tables are scaled 10x, so a row given another
+    row's position decodes differently, and cross-attention 8x, so each prompt has its own
+    text."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from actors.tiny import tiny_model_path
+    from actors.tiny import tiny_bart, tiny_model_path
 
-    source = tiny_model_path("tiny:t5")
-    tok = AutoTokenizer.from_pretrained(source)
     if kind == "t5":
+        source = tiny_model_path("tiny:t5")
+        tok = AutoTokenizer.from_pretrained(source)
         config = AutoConfig.from_pretrained(source)
         config.initializer_factor = 5.0
+        torch.manual_seed(0)
+        model = AutoModelForSeq2SeqLM.from_config(config)
     else:
-        config = AutoConfig.for_model(
-            kind, vocab_size=len(tok), d_model=64, encoder_layers=2, decoder_layers=2,
-            encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-            decoder_ffn_dim=128, max_position_embeddings=256, dropout=0.0,
-            attention_dropout=0.0, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-            bos_token_id=tok.pad_token_id, decoder_start_token_id=tok.pad_token_id,
-            forced_eos_token_id=None,
-        )  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForSeq2SeqLM.from_config(config)
-    if kind != "t5":
-        with torch.no_grad():
-            for name, weight in model.named_parameters():
-                if "decoder" in name and "embed_positions" in name:
-                    weight.mul_(10.0)
-                if "encoder_attn.out_proj" in name or "encoder_attn.v_proj" in name:
-                    weight.mul_(8.0)  # at init every prompt would decode alike
+        model, tok = tiny_bart(kind)
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory

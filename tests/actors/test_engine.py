@@ -46,53 +46,37 @@ def _gpt2(n_positions: int = 128) -> tuple[Any, Any]:
 
 
 def _seq2seq(kind: str = "t5", position_scale: float = 30.0) -> tuple[Any, Any]:
-    """A tiny random encoder-decoder of ``kind`` (T5-family or BART-family configs, the
-    project's tiny tokenizer; T5 weights drawn 5x wider than T5's init, which with 2 layers
-    decodes one token over and over) with its position weights scaled by ``position_scale``
-    (and a BART-family cross-attention 8x wider)."""
+    """A tiny random encoder-decoder of ``kind`` (T5-family configs, the project's tiny
+    tokenizer; T5 weights drawn 5x wider than T5's init, which with 2 layers decodes one
+    token over and over; or ``actors.tiny.tiny_bart`` for a BART-family ``kind``) with its
+    position weights scaled by ``position_scale``."""
     import transformers
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from actors.tiny import tiny_model_path
+    from actors.engine import ABSOLUTE_DECODERS
+    from actors.tiny import tiny_bart, tiny_model_path
 
+    if kind in ABSOLUTE_DECODERS:
+        return tiny_bart(kind, position_scale)
     tok = AutoTokenizer.from_pretrained(tiny_model_path("tiny:t5"))
-    ids = {
-        "vocab_size": len(tok),
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "decoder_start_token_id": tok.pad_token_id,
+    classes = {
+        "t5": transformers.T5Config,
+        "mt5": transformers.MT5Config,
+        "umt5": transformers.UMT5Config,
+        "longt5": transformers.LongT5Config,
     }
-    if kind in ("bart", "mbart", "marian", "pegasus", "m2m_100"):
-        config: Any = transformers.AutoConfig.for_model(
-            kind, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-            max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
-            bos_token_id=tok.pad_token_id, forced_eos_token_id=None, **ids,
-        )  # fmt: skip
-    else:
-        classes = {
-            "t5": transformers.T5Config,
-            "mt5": transformers.MT5Config,
-            "umt5": transformers.UMT5Config,
-            "longt5": transformers.LongT5Config,
-        }
-        config = classes[kind](
-            d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-            dropout_rate=0.0, initializer_factor=5.0, **ids,
-        )  # fmt: skip
+    config = classes[kind](
+        d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        dropout_rate=0.0, initializer_factor=5.0, vocab_size=len(tok),
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )  # fmt: skip
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(config).eval()
     with torch.no_grad():
         for name, weight in model.named_parameters():
-            if "relative_attention_bias" in name or "embed_positions" in name:
+            if "relative_attention_bias" in name:
                 weight.mul_(position_scale)
-            # BART-family cross-attention at init barely reads the encoder (every prompt would
-            # decode alike): widened so that each prompt gets its own text
-            if "encoder_attn.out_proj" in name or "encoder_attn.v_proj" in name:
-                weight.mul_(8.0)
-        for name, table in model.named_buffers():  # sinusoidal tables kept as buffers (M2M100)
-            if "embed_positions" in name:
-                table.mul_(position_scale)
     return model, tok
 
 
