@@ -39,7 +39,7 @@ GPU clusters) can stand behind the same deployment. No Ray here.
 
 from __future__ import annotations
 
-import functools
+import copy
 import inspect
 import itertools
 import logging
@@ -125,6 +125,11 @@ class _Seq:
     cancelled: bool = False
     done: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    # generate's logits processors for this request (built at its first token) and, where
+    # there are any, the tokens they read: generate's input_ids for this sequence alone
+    processors: Any = None
+    seen: torch.Tensor | None = None
+    seen_len: int = 0
 
     @property
     def budget(self) -> int:
@@ -168,36 +173,56 @@ RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5"})
 # position (tested per family).
 ABSOLUTE_DECODERS = frozenset({"bart", "mbart", "marian", "pegasus", "m2m_100"})
 
-# ``generation_config`` settings that ``generate`` applies and the engine does not (it applies
-# the config's repetition_penalty and forced first and last tokens, then samples or takes the
-# argmax per row, with per-request temperature, top-k, top-p, stop and budget).
-# A model that sets any of them is served by static ``generate`` so that its output is the
-# output its authors configured; the values are those of a default ``GenerationConfig``.
-_UNAPPLIED_SETTINGS: dict[str, Any] = {
-    "num_beams": 1, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "min_length": 0,
-    "min_new_tokens": None, "bad_words_ids": None, "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "sequence_bias": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-    "min_p": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
-}  # fmt: skip
+# How ``generate`` shapes each step's scores from the model's generation_config (repetition
+# penalties, n-gram bans, minimum lengths, banned and suppressed tokens, sequence biases, forced
+# first and last tokens, min-p / typical / epsilon / eta sampling, watermarks) comes from its
+# own builder, ``_get_logits_processor``, per request (``_request_processors``). What the
+# engine cannot run is a decoding strategy other than one token per row per step: beam search,
+# contrastive search, DoLa, assisted decoding (as transformers' ``get_generation_mode`` reads
+# the config), and classifier-free guidance (a second, unconditional forward per step). A
+# model whose config selects one is served by static ``generate``, so that its output is the
+# output its authors configured.
+
+
+def _strategy_unsupported(generation: Any) -> str | None:
+    """Why the engine cannot decode as ``generation`` asks, or None."""
+    if generation is None:
+        return None
+    from transformers.generation.configuration_utils import GenerationMode
+
+    probe = copy.deepcopy(generation)
+    probe.do_sample = False  # each request says whether it samples
+    try:
+        mode = probe.get_generation_mode()
+    except (ValueError, TypeError) as err:
+        return f"its generation_config cannot be read here ({err})"
+    if mode != GenerationMode.GREEDY_SEARCH:
+        named = {
+            key: getattr(generation, key, None)
+            for key in ("num_beams", "num_beam_groups", "penalty_alpha", "dola_layers",
+                        "prompt_lookup_num_tokens", "constraints", "force_words_ids")
+        }  # fmt: skip
+        given = [f"{k}={v!r}" for k, v in named.items() if v not in (None, 1, [], 0)]
+        return (
+            f"its generation_config selects {str(mode.value).replace('_', ' ')} "
+            f"({', '.join(given) or 'see its generation_config'}), which the continuous-batching "
+            "engine does not run (it decodes one token per row per step, greedily or sampled)"
+        )
+    if getattr(generation, "guidance_scale", None) not in (None, 1, 1.0):
+        return (
+            f"its generation_config sets guidance_scale={generation.guidance_scale!r}, which "
+            "runs a second, unconditional forward per step; the continuous-batching engine "
+            "does not"
+        )
+    return None
 
 
 def engine_unsupported(model: Any) -> str | None:
     """Why ``ContinuousBatchingEngine`` cannot run ``model`` as ``generate`` would, or None
     when it can."""
-    generation = getattr(model, "generation_config", None)
-    unapplied = [
-        f"{key}={getattr(generation, key)!r}"
-        for key, default in _UNAPPLIED_SETTINGS.items()
-        if getattr(generation, key, default) not in (default, None, [])
-    ]
-    if unapplied:
-        return (
-            f"its generation_config sets {', '.join(unapplied)}, which the continuous-batching "
-            "engine does not apply (it decodes greedily or samples with the request's "
-            "temperature, top_k and top_p)"
-        )
+    reason = _strategy_unsupported(getattr(model, "generation_config", None))
+    if reason is not None:
+        return reason
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False):
         return None
@@ -336,30 +361,22 @@ class ContinuousBatchingEngine:
         self._ids = itertools.count(1)
         self._closed = False
         self._thread: threading.Thread | None = None
-        self._eos = set(stop_token_ids(tokenizer, model))
-        # generate applies the model's configured repetition penalty (Qwen2.5's is 1.05): so
-        # does the engine, or greedy output would differ from the model's own.
-        generation = getattr(model, "generation_config", None)
-        penalty = getattr(generation, "repetition_penalty", None)
-        self._penalty = float(penalty) if penalty not in (None, 1.0) else None
-        # ... and its forced tokens, through transformers' processors: the first one (mBART's
-        # and NLLB's target language) and an EOS as the last one a request's budget allows
-        # (BART's config sets it). The EOS one is built per last position (it holds its ids as
-        # a device tensor), once, not per row and step.
-        from transformers import ForcedBOSTokenLogitsProcessor, ForcedEOSTokenLogitsProcessor
-
-        first = getattr(generation, "forced_bos_token_id", None)
-        last = getattr(generation, "forced_eos_token_id", None)
-        self._force_first = ForcedBOSTokenLogitsProcessor(first) if first is not None else None
-        self._force_last: Callable[[int], Any] | None = None
-        if last is not None:
-            device = self._device()
-            self._force_last = functools.lru_cache(maxsize=256)(
-                lambda at: ForcedEOSTokenLogitsProcessor(at, last, device)
-            )
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
+        # Each request's scores go through generate's own processors for it (the config's
+        # penalties, bans, minimum lengths, forced tokens, ...: ``_request_processors``). A
+        # sampled row takes the engine's grouped temperature / top-k / top-p warpers, unless the
+        # config's sampling goes beyond them (min-p, typical, ...): then generate's, per row.
+        self._stop_ids = stop_token_ids(tokenizer, model)
+        self._eos = set(self._stop_ids)
+        try:
+            self._own_warpers = self._probe_warpers()
+        except Exception as err:  # a transformers whose private builder changed shape
+            raise ValueError(
+                f"continuous batching: generate's logits processors could not be built for "
+                f"this model ({type(err).__name__}: {err})"
+            ) from err
         kind = getattr(config, "model_type", None)
         module = _position_module(model) if self._seq2seq and kind in ABSOLUTE_DECODERS else None
         self._row_positions = _RowPositions(module) if module is not None else None
@@ -962,30 +979,91 @@ class ContinuousBatchingEngine:
         self._enc_out, self._enc_mask = None, None
 
     # ----- tokens → text ------------------------------------------------------------------------
-    def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
-        """The model's repetition penalty and forced tokens (where its generation_config sets
-        them, through transformers' own processors) on each row's tokens so far; then greedy
-        rows take the argmax, and sampled rows go through transformers' own warpers, grouped
-        by equal settings, and draw with their own generator."""
+    def _request_processors(
+        self, prompt_ids: Sequence[int], params: SamplingParams, sampled: bool
+    ) -> Any:
+        """The logits processors ``generate`` builds for this request alone (with its warpers
+        when ``sampled``): a copy of the model's generation_config with the request's budget,
+        the served EOS ids and sampling settings, through generate's own preparation.
+
+        Why a private transformers method: ``_get_logits_processor`` is generate's only
+        builder of that list, with its conditions and order; a copy of it here would drift.
+        Each processor reads only the tokens of its row, so applying a request's list to its
+        row is what ``generate`` does for that sequence alone."""
+        base = self._base()
+        config = copy.deepcopy(base.generation_config)
+        start = 1 if self._seq2seq else len(prompt_ids)  # generate's input_ids: the decoder's
+        pad = self.tokenizer.pad_token_id
+        config.update(
+            do_sample=sampled, num_beams=1, max_new_tokens=params.max_new_tokens,
+            max_length=start + params.max_new_tokens, eos_token_id=self._stop_ids or None,
+            pad_token_id=pad if pad is not None else (self._stop_ids or [None])[0],
+            temperature=params.temperature if sampled else None,
+            top_k=params.top_k if sampled else None, top_p=params.top_p if sampled else None,
+        )  # fmt: skip
+        device = self._device()
+        base._prepare_special_tokens(config, True, device=device)
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        given = {} if self._seq2seq else {"attention_mask": torch.ones_like(ids)}
+        return base._get_logits_processor(
+            config, input_ids_seq_length=start, encoder_input_ids=ids, device=device,
+            model_kwargs=given,
+        )  # fmt: skip
+
+    def _probe_warpers(self) -> bool:
+        """Whether generate's sampled list is more than its greedy one followed by the
+        temperature, top-k and top-p warpers (which the engine applies to rows grouped by
+        equal settings)."""
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-        if self._penalty is not None:
-            from transformers import RepetitionPenaltyLogitsProcessor
+        probe = SamplingParams(max_new_tokens=2, temperature=0.7, top_k=5, top_p=0.9)
+        plain = [type(p) for p in self._request_processors([0], probe, sampled=False)]
+        drawn = [type(p) for p in self._request_processors([0], probe, sampled=True)]
+        return drawn != [*plain, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper]
 
-            penalise = RepetitionPenaltyLogitsProcessor(self._penalty)
-            for row, seq in enumerate(seqs):
-                # what generate's input_ids hold: a causal LM's prompt and continuation, an
-                # encoder-decoder's decoder tokens (its start token and continuation)
-                seen = [*([self._start] if self._seq2seq else seq.prompt_ids), *seq.ids]
-                ids = torch.tensor([seen], dtype=torch.long, device=logits.device)
-                logits[row : row + 1] = penalise(ids, logits[row : row + 1])
-        if self._force_first is not None or self._force_last is not None:
-            self._force(seqs, logits)
+    def _seen(self, seq: _Seq) -> torch.Tensor:
+        """``generate``'s input_ids for this sequence alone: a causal LM's prompt and
+        continuation, an encoder-decoder's decoder start token and continuation (kept in one
+        buffer per sequence, extended by the tokens decoded since the last step)."""
+        head = [self._start] if self._seq2seq else seq.prompt_ids
+        if seq.seen is None:
+            seq.seen = torch.empty(
+                (1, len(head) + seq.params.max_new_tokens), dtype=torch.long,
+                device=self._device(),
+            )  # fmt: skip
+            seq.seen[0, : len(head)] = torch.tensor(head, dtype=torch.long)
+            seq.seen_len = len(head)
+        n = len(head) + len(seq.ids)
+        if n > seq.seen_len:
+            new = seq.ids[seq.seen_len - len(head) :]
+            seq.seen[0, seq.seen_len : n] = torch.tensor(new, dtype=torch.long)
+            seq.seen_len = n
+        return seq.seen[:, :n]
+
+    def _choose(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> list[int]:
+        """Each row's scores through generate's processors for its request (where the model's
+        generation_config calls for any); then greedy rows take the argmax, and sampled rows
+        draw with their own generator, after transformers' temperature / top-k / top-p
+        warpers grouped by equal settings (or generate's own warpers for the row, see
+        ``_own_warpers``)."""
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        for row, seq in enumerate(seqs):
+            if seq.processors is None:
+                sampled = self._own_warpers and not seq.params.greedy
+                seq.processors = self._request_processors(seq.prompt_ids, seq.params, sampled)
+            if seq.processors:
+                logits[row : row + 1] = seq.processors(self._seen(seq), logits[row : row + 1])
         chosen = logits.argmax(dim=-1).tolist()
         groups: dict[tuple[float, int, float], list[int]] = {}
         for row, seq in enumerate(seqs):
             p = seq.params
-            if not p.greedy:
+            if p.greedy:
+                continue
+            if self._own_warpers:  # applied above, with the rest of generate's list
+                probs = logits[row].softmax(dim=-1)
+                chosen[row] = int(torch.multinomial(probs, 1, generator=seq.rng))
+            else:
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
         for (temperature, top_k, top_p), rows in groups.items():
             scores = logits[rows]
@@ -999,21 +1077,6 @@ class ContinuousBatchingEngine:
                 draw = torch.multinomial(probs[i], 1, generator=seqs[row].rng)
                 chosen[row] = int(draw)
         return chosen
-
-    def _force(self, seqs: Sequence[_Seq], logits: torch.Tensor) -> None:
-        """Apply the configured forced first / last tokens as ``generate`` does: its
-        processors read only the length of the tokens so far (``cur_len``), and the last one
-        is forced at ``max_length - 1``, where ``max_length`` is that start plus the request's
-        ``max_new_tokens``."""
-        for row, seq in enumerate(seqs):
-            start = 1 if self._seq2seq else len(seq.prompt_ids)  # the decoder start, or prompt
-            so_far = torch.empty((1, start + seq.generated), dtype=torch.long)  # length only
-            scores = logits[row : row + 1]
-            if self._force_first is not None:
-                scores = self._force_first(so_far, scores)
-            if self._force_last is not None:
-                scores = self._force_last(start + seq.params.max_new_tokens)(so_far, scores)
-            logits[row : row + 1] = scores
 
     def _advance(
         self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]

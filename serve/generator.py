@@ -8,8 +8,8 @@ settings, any adapter — joins the running batch between decode steps and leave
 done. Its queue is bounded (``scheduler`` in the served model's config): a request past it is
 refused with ``EngineOverloaded``, which the ingress answers with 503 + Retry-After. Another
 encoder-decoder family (see ``actors.engine.engine_unsupported``), or a model whose
-``generation_config`` asks for what the engine does not do (beam search,
-``no_repeat_ngram_size``, ...), keeps static batches (``@serve.batch``, equal settings per
+``generation_config`` selects a decoding strategy the engine does not run (beam search,
+contrastive search, ...), keeps static batches (``@serve.batch``, equal settings per
 ``generate`` call) and runs each stream alone.
 
 Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
@@ -98,13 +98,16 @@ class GeneratorBase:
         self.seq2seq = loaded["kind"] == "seq2seq_lm"
         self.engine: ContinuousBatchingEngine | None = None
         static = engine_unsupported(self.model)
+        if static is None:
+            try:
+                self.engine = ContinuousBatchingEngine(
+                    self.model, self.tokenizer, self._limits(self.spec.scheduler.model_dump()),
+                    prepare=self._prepare_adapters,
+                )  # fmt: skip
+            except ValueError as err:  # what it found only once built (its processors)
+                static = str(err)
         if static is not None:
             log.warning("%s: static batches, not continuous batching: %s", self.spec.name, static)
-        else:
-            self.engine = ContinuousBatchingEngine(
-                self.model, self.tokenizer, self._limits(self.spec.scheduler.model_dump()),
-                prepare=self._prepare_adapters,
-            )  # fmt: skip
         # One model step at a time per replica: adapters are added to and removed from the
         # shared base under this lock (the engine holds it during each step).
         self.lock: Any = self.engine.lock if self.engine is not None else threading.Lock()

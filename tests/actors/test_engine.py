@@ -8,8 +8,10 @@ needed), and the refusal of families the engine has no positions for."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -241,6 +243,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(kind):
         for rec in others:
             rec.result()
         assert busy.token_ids == alone.token_ids
+        # the very draw generate makes with that seed (the engine's generator per request)
+        assert alone.token_ids == _sampled_reference(model, tok, PROMPTS[0], params)
         unseeded = {tuple(wait_result(engine, PROMPTS[0],
                                       SamplingParams(max_new_tokens=16, temperature=1.5)
                                       ).token_ids) for _ in range(3)}  # fmt: skip
@@ -385,28 +389,85 @@ def test_encoder_cache_shrinks_when_the_widest_prompt_leaves():
         engine.close()
 
 
-def test_generation_config_settings_are_applied_or_refused():
-    """A model's configured repetition penalty is applied as ``generate`` applies it (greedy
-    output still equal, alone and joined, for a causal LM and an encoder-decoder); settings
-    the engine does not implement (beam search) make it refuse the model with the reason."""
+def _sampled_reference(model: Any, tok: Any, prompt: str, params: SamplingParams) -> list[int]:
+    """``model.generate`` alone, sampling with the request's settings after
+    ``torch.manual_seed(seed)``: the generated ids up to (without) EOS."""
+    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(params.seed)
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=params.max_new_tokens, do_sample=True,
+            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
+    ids = out[0, 1 if model.config.is_encoder_decoder else enc["input_ids"].shape[1] :].tolist()
+    return ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5", "bart"])
+def test_generation_config_settings_shape_scores_as_generate_shapes_them(kind):
+    """What a model's generation_config sets for each step's scores (a repetition penalty, an
+    n-gram ban, a minimum length, suppressed and banned tokens, a sequence bias on EOS; for an
+    encoder-decoder also the encoder-side penalty and n-gram ban) goes through generate's own
+    processors per request: greedy output equal to ``generate`` alone and with rows joining
+    mid-decode at different budgets. Sampling settings beyond temperature / top-k / top-p
+    (min-p, typical) make each sampled row use generate's warpers: a seeded request then
+    samples what ``generate`` samples after ``torch.manual_seed`` of that seed, alone and in a
+    busy batch. Decoding strategies the engine does not run are refused with the reason."""
     from actors.engine import engine_unsupported
 
-    for model, tok in (_llama(), _seq2seq()):
-        plain = [reference(model, tok, p) for p in PROMPTS[:4]]
-        model.generation_config.repetition_penalty = 1.8
-        penalised = [reference(model, tok, p) for p in PROMPTS[:4]]
-        assert penalised != plain  # the penalty changes this model's text
-        assert engine_unsupported(model) is None
-        engine = ContinuousBatchingEngine(model, tok)
-        try:
-            outputs = _staggered_joins(engine, [NEW] * 4)
-        finally:
-            engine.close()
-        assert [done.token_ids for done in outputs] == penalised
-        model.generation_config.num_beams = 4
-        assert "num_beams=4" in (engine_unsupported(model) or "")
-        with pytest.raises(ValueError, match="num_beams=4"):
+    model, tok = {"llama": _llama, "t5": _seq2seq,
+                  "bart": lambda: _seq2seq("bart", position_scale=10.0)}[kind]()  # fmt: skip
+    lengths = [NEW, 12, 20, 16, NEW]
+    plain = [reference(model, tok, PROMPTS[i], n) for i, n in enumerate(lengths)]
+    common = [t for t, _ in Counter(t for ids in plain for t in ids).most_common(2)]
+    settings = {
+        "repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "min_new_tokens": 14,
+        "suppress_tokens": [common[0]], "bad_words_ids": [[common[1]]],
+        # an EOS made near certain: each text ends exactly where the minimum allows
+        "sequence_bias": {(tok.eos_token_id,): 1000.0},
+    }  # fmt: skip
+    if model.config.is_encoder_decoder:
+        settings.update(encoder_repetition_penalty=1.5, encoder_no_repeat_ngram_size=3)
+    for key, value in settings.items():
+        setattr(model.generation_config, key, value)
+    wants = [reference(model, tok, PROMPTS[i], n) for i, n in enumerate(lengths)]
+    assert sum(w != p for w, p in zip(wants, plain, strict=True)) >= 4  # the settings bite
+    assert [len(w) for w in wants] == [min(14, n) for n in lengths]
+    assert engine_unsupported(model) is None
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        assert not engine._own_warpers
+        outputs = _staggered_joins(engine, lengths)
+    finally:
+        engine.close()
+    assert [done.token_ids for done in outputs] == wants
+
+    model.generation_config.min_p = 0.05
+    model.generation_config.typical_p = 0.9
+    params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    want = _sampled_reference(model, tok, PROMPTS[0], params)
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        assert engine._own_warpers
+        assert wait_result(engine, PROMPTS[0], params).token_ids == want
+        others = [Recorder() for _ in range(3)]
+        for i, rec in enumerate(others):
+            engine.submit(PROMPTS[i + 1], SamplingParams(max_new_tokens=20, temperature=1.3,
+                                                         seed=100 + i), None, rec)  # fmt: skip
+        assert wait_result(engine, PROMPTS[0], params).token_ids == want
+        for rec in others:
+            rec.result()
+    finally:
+        engine.close()
+
+    for key, value, named in (("num_beams", 4, "beam search (num_beams=4)"),
+                              ("guidance_scale", 1.5, "guidance_scale=1.5")):  # fmt: skip
+        setattr(model.generation_config, key, value)
+        assert named in (engine_unsupported(model) or "")
+        with pytest.raises(ValueError, match=re.escape(named)):
             ContinuousBatchingEngine(model, tok)
+        setattr(model.generation_config, key, None if key == "guidance_scale" else 1)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bart"])

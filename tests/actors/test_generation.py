@@ -16,7 +16,8 @@ from tests.actors.test_engine import PROMPTS, _llama, _seq2seq
 
 def _static_bart(beams: int) -> tuple[Any, Any]:
     """A tiny BART configured as published BART checkpoints are: the decoder starting from the
-    EOS token, and settings the engine refuses (``no_repeat_ngram_size``; beam search)."""
+    EOS token, an n-gram ban, and (``beams`` > 1) beam search, which the engine refuses, so
+    that this static path serves it."""
     from actors.engine import engine_unsupported
 
     model, tok = _seq2seq("bart", position_scale=10.0)
@@ -24,7 +25,7 @@ def _static_bart(beams: int) -> tuple[Any, Any]:
     model.generation_config.decoder_start_token_id = tok.eos_token_id
     model.generation_config.no_repeat_ngram_size = 2
     model.generation_config.num_beams = beams
-    assert engine_unsupported(model) is not None  # served by this static path
+    assert (engine_unsupported(model) is not None) == (beams > 1)
     return model, tok
 
 
