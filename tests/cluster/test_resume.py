@@ -28,7 +28,7 @@ def _config(tmp: Path, tiny_bert: Path, name: str) -> TrainConfig:
         tiny_bert_train_config(
             tmp,
             tiny_bert,
-            train_rows=384,
+            train_rows=192,
             val_rows=32,
             training={
                 "epochs": 2,
@@ -37,7 +37,7 @@ def _config(tmp: Path, tiny_bert: Path, name: str) -> TrainConfig:
                 "lr": 5e-3,
                 "log_every": 1,
                 "seed": 1,
-                "checkpoint_every": 3,
+                "checkpoint_every": 2,
             },
             scaling={"workers": 2, "max_failures": 1, "keep_checkpoints": 2},
             output_dir=str(tmp / name),
@@ -91,7 +91,7 @@ def test_killed_worker_resumes_to_identical_weights(reference, tmp_path_factory,
     _, expected = reference
     cfg = _config(tmp_path_factory.mktemp("resume-killed"), tiny_bert, "killed")
     killed: list[int] = []
-    # Checkpoints every 3 steps, 12 steps per epoch: the kill lands after a mid-epoch one, so
+    # Checkpoints every 2 steps, 6 steps per epoch: the kill lands after a mid-epoch one, so
     # the run must restore the data position within the epoch, not just the epoch.
     killer = threading.Thread(
         target=_kill_a_worker_after_step_checkpoint,
@@ -112,9 +112,9 @@ def test_killed_worker_resumes_to_identical_weights(reference, tmp_path_factory,
     # later one): not a fresh start, not an epoch boundary.
     resumed_after = resumes[0]["step"]
     assert resumes[0]["from"].startswith("step-"), resumes
-    assert resumed_after >= killed[0] and resumed_after % 3 == 0, resumes
-    assert resumed_after % 12 != 0, resumes
-    assert max(steps) == 24
+    assert resumed_after >= killed[0] and resumed_after % 2 == 0, resumes
+    assert resumed_after % 6 != 0, resumes
+    assert max(steps) == 12
 
     got, want = _weights(outcome.bundle), _weights(expected.bundle)
     assert got.keys() == want.keys()
@@ -126,5 +126,5 @@ def test_keep_last_k_checkpoints(reference):
     cfg, _ = reference
     kept = sorted(p.name for p in Path(cfg.output_dir, "ray", "train").iterdir() if p.is_dir())
     kept = [n for n in kept if n.startswith(("step-", "epoch-"))]
-    # Reports: step-3, -6, -9, epoch-1 (step 12), step-15, -18, -21, epoch-2; keep the last 2.
-    assert kept == ["epoch-0002", "step-0000021"]
+    # Reports: step-2, -4, epoch-1 (step 6), step-8, -10, epoch-2; keep the last 2.
+    assert kept == ["epoch-0002", "step-0000010"]
