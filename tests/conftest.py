@@ -126,14 +126,14 @@ def tiny_lm_dir(directory: Path) -> Path:
     return directory
 
 
-def tiny_seq2seq_dir(directory: Path, kind: str = "t5") -> Path:
+def tiny_seq2seq_dir(directory: Path, kind: str = "t5", beams: int = 1) -> Path:
     """A plain HF encoder-decoder directory with ``tiny:t5``'s tokenizer, random weights (seed
-    0), saved as safetensors. ``t5``: ``tiny:t5``'s config, weights drawn 5x wider than T5's
-    init (at T5's own scale two layers decode one token over and over, which would make
-    equality checks vacuous). ``bart`` (or another BART-family ``model_type``):
-    ``actors.tiny.tiny_bart``, whose position tables are scaled 10x, so a row given another
-    row's position decodes differently, and cross-attention 8x, so each prompt has its own
-    text."""
+    0), saved as safetensors, its generation_config asking for ``beams`` beams. ``t5``:
+    ``tiny:t5``'s config, weights drawn 5x wider than T5's init (at T5's own scale two layers
+    decode one token over and over, which would make equality checks vacuous). ``bart`` (or
+    another BART-family ``model_type``): ``actors.tiny.tiny_bart``, whose position tables are
+    scaled 10x, so a row given another row's position decodes differently, and
+    cross-attention 8x, so each prompt has its own text."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -148,6 +148,7 @@ def tiny_seq2seq_dir(directory: Path, kind: str = "t5") -> Path:
         model = AutoModelForSeq2SeqLM.from_config(config)
     else:
         model, tok = tiny_bart(kind)
+    model.generation_config.num_beams = beams
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
     return directory

@@ -1,7 +1,7 @@
 """The generator through Ray Serve on loopback: OpenAI-compatible routes (with the official
 `openai` package), streaming, multi-LoRA with LRU eviction, greedy equality with in-process
-`generate` (a causal LM and a T5 encoder-decoder, both under continuous batching), stop
-sequences, limits, and generative task routes."""
+`generate` (a causal LM and a BART encoder-decoder under continuous batching, a beam-search T5
+on static batches), stop sequences, limits, and generative task routes."""
 
 from __future__ import annotations
 
@@ -55,13 +55,15 @@ def generator_app(ray_session, tmp_path_factory):
                 "generation": {"max_new_tokens": MAX_NEW},
                 "scheduler": {"max_running": 1, "max_queued": 1},
             },
-            {  # an encoder-decoder: summarization and translation models are often T5s
+            {  # a T5 configured for beam search, as many published summarizers and
+                # translators are: the engine does not run beams, static generate does
                 "name": "tiny-t5",
-                "bundle": str(tiny_seq2seq_dir(tmp / "t5")),
+                "bundle": str(tiny_seq2seq_dir(tmp / "t5", beams=3)),
                 "num_cpus": 0.2,
+                "batch_wait_timeout_s": 0.5,
                 "generation": {"max_new_tokens": MAX_NEW},
             },
-            {  # ... or BARTs, whose decoder positions are absolute
+            {  # an encoder-decoder on the engine: a BART, whose decoder positions are absolute
                 "name": "tiny-bart",
                 "bundle": str(tiny_seq2seq_dir(tmp / "bart", "bart")),
                 "num_cpus": 0.2,
@@ -304,12 +306,13 @@ def test_mixed_batch_greedy_equals_generate_for_each_adapter(generator_app):
         assert text == _reference(base, PROMPT, adapter), name
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
-def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(generator_app, kind):
-    """A T5 or a BART behind the same routes runs on the continuous-batching engine: streamed
-    and non-streamed requests with different token budgets, sent together, share decode steps,
-    and each text equals in-process seq2seq ``generate`` alone."""
+def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(generator_app):
+    """A BART behind the same routes runs on the continuous-batching engine: streamed and
+    non-streamed requests with different token budgets, sent together, share decode steps, and
+    each text equals in-process seq2seq ``generate`` alone (the T5 family is tested so in
+    process, ``tests/actors/test_engine.py``)."""
     url, base = generator_app
+    kind = "bart"
     prompts = [PROMPT, "Translate to French: the train is late.", "Summarize: rain all week."]
     # long enough that six requests sent together overlap on a loaded machine
     jobs = [(p, stream, n) for p, n in zip(prompts, (48, 24, 36), strict=True)
@@ -321,6 +324,42 @@ def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(gen
     for (prompt, stream, new), text in zip(jobs, texts, strict=True):
         assert text == _reference(base.parent / kind, prompt, new=new), (prompt, stream)
     assert any(texts)
+
+
+def test_a_beam_search_model_is_served_by_static_generate_as_configured(generator_app):
+    """A model whose generation_config asks for beam search keeps static ``generate``:
+    non-streamed requests with equal settings sent together share one ``generate`` call
+    (``@serve.batch``), a stream carries the search's text in one piece when it ends, and
+    every text equals in-process ``generate`` with the model's own configuration."""
+    from ray import serve
+
+    url, base = generator_app
+    handle = serve.get_deployment_handle("generator-tiny-t5", app_name="taskray")
+    before = handle.stats.remote().result(timeout_s=30)
+    assert "engine" not in before  # static batches, not continuous batching
+    prompts = [PROMPT, "Translate to French: the train is late.", "Summarize: rain all week."]
+    payloads = [{"model": "tiny-t5", "prompt": p, "max_tokens": 16, "stream": False}
+                for p in prompts]  # fmt: skip
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        texts = list(pool.map(lambda b: _post(url, "/v1/completions", b), payloads))
+    after = handle.stats.remote().result(timeout_s=30)["batch_sizes"]
+    grown = [int(k) for k, v in after.items() if v > before["batch_sizes"].get(k, 0)]
+    assert max(grown) > 1, (before, after)  # they shared a generate call
+    wants = [_reference(base.parent / "t5", p, new=16) for p in prompts]
+    assert len(set(wants)) == len(wants)  # each prompt has its own text
+    for response, want in zip(texts, wants, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == want
+
+    body = {**payloads[1], "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:  # fmt: skip
+        assert response.status_code == 200, response.read()
+        events = [e[6:] for e in response.iter_lines() if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    pieces = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert [p["text"] for p in pieces if p["text"]] == [wants[1]]  # one piece, at the end
+    assert pieces[-1]["finish_reason"] in ("stop", "length")
 
 
 def test_generative_task_route(generator_app):
