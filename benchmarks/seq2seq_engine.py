@@ -118,12 +118,13 @@ class Bench:
     def engine(self, width: int, n: int) -> tuple[int, float, float]:
         """``width`` closed-loop clients, ``n`` requests → tokens, seconds, mean decode batch."""
 
-        def check(prompt: str, text: str | None) -> None:
-            self.mismatches += text != self.reference[prompt]
+        def check(job: tuple[str, str | None, int], text: str | None) -> None:
+            self.mismatches += text != self.reference[job[0]]
 
+        jobs = [(p, None, self.max_tokens) for p in PROMPTS]
         engine = ContinuousBatchingEngine(self.model, self.tok)
         try:
-            tokens, seconds = engine_closed_loop(engine, PROMPTS, self.max_tokens, width, n, check)
+            tokens, seconds = engine_closed_loop(engine, jobs, width, n, check)
             sizes = engine.stats()["decode_batch_sizes"]
         finally:
             engine.close()

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from .common import ENTRY, ROOT, decode_rate, free_port, pct, stream_figures
 from .load import Target, has_label
-from .workload import GEN_CONCURRENCY, PROMPTS, job_key
+from .workload import GEN_CONCURRENCY, MIXED_CONCURRENCY, PROMPTS, job_key
 
 
 # ----- the classifier's baseline: FastAPI + uvicorn around a transformers pipeline -------------
@@ -142,6 +142,10 @@ class InProcess:
         self.batches: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
         self.engined: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
         self.engine_mismatches = 0
+        # the mixed load on the engine in process (a PEFT base with both adapters, built once)
+        self.model_dir, self.adapters, self.jobs = model_dir, adapters, jobs
+        self.multi: Any = None
+        self.mixed_engined: list[tuple[int, float]] = []
         self.reference: dict[tuple[str, str, int], dict[str, Any]] = {}
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -239,14 +243,41 @@ class InProcess:
         clients (each submits its next prompt when its previous one is done) → tokens, s."""
         from actors.engine import ContinuousBatchingEngine
 
-        def check(prompt: str, text: str | None) -> None:
-            ref = self.reference[(prompt, "writer", self.max_tokens)]["text"]
-            self.engine_mismatches += text != ref
-
+        jobs: list[Job] = [(p, None, self.max_tokens) for p in self.prompts]
         engine = ContinuousBatchingEngine(self.model, self.tok)
         try:
-            return engine_closed_loop(engine, self.prompts, self.max_tokens, width, n_requests,
-                                      check)  # fmt: skip
+            return engine_closed_loop(engine, jobs, width, n_requests, self._check)
+        finally:
+            engine.close()
+
+    def _check(self, job: Job, text: str | None) -> None:
+        prompt, adapter, max_tokens = job
+        ref = self.reference[(prompt, adapter or "writer", max_tokens)]["text"]
+        self.engine_mismatches += text != ref
+
+    def _mixed_engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
+        """The mixed load's jobs (base and adapters, two lengths) on the engine in this
+        process, over one base holding both adapters, as a Serve replica holds them: what
+        that work costs without Serve."""
+        from actors.engine import ContinuousBatchingEngine
+
+        if self.multi is None:
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(str(self.model_dir), use_safetensors=True)
+            names = list(self.adapters)
+            multi = PeftModel.from_pretrained(base, self.adapters[names[0]], adapter_name=names[0])
+            for name in names[1:]:
+                multi.load_adapter(self.adapters[name], adapter_name=name)
+            self.multi = multi.eval()
+        jobs: list[Job] = [
+            (j["prompt"], None if j["model"] == "writer" else j["model"], j["max_tokens"])
+            for j in self.jobs
+        ]
+        engine = ContinuousBatchingEngine(self.multi, self.tok)
+        try:
+            return engine_closed_loop(engine, jobs, width, n_requests, self._check)
         finally:
             engine.close()
 
@@ -265,6 +296,8 @@ class InProcess:
                     rows = [self.prompts[i % len(self.prompts)] for i in range(w)]
                     self.batches[w].append(self._plain(rows))
                     self.engined[w].append(self._engine_loop(w, 2 * w))
+                width = MIXED_CONCURRENCY
+                self.mixed_engined.append(self._mixed_engine_loop(width, 2 * width))
         finally:
             torch.set_num_threads(previous)
 
@@ -298,37 +331,49 @@ class InProcess:
                 "aggregate_tok_s": sum(n for n, _ in loops) / sum(s for _, s in loops),
                 "text_mismatches": self.engine_mismatches,
             }
+        if self.mixed_engined:
+            runs = self.mixed_engined
+            out[f"engine_mixed{MIXED_CONCURRENCY}"] = {
+                "loops": len(runs),
+                "aggregate_tok_s": sum(n for n, _ in runs) / sum(s for _, s in runs),
+                "text_mismatches": self.engine_mismatches,
+            }
         return out
 
 
-def engine_closed_loop(engine: Any, prompts: list[str], max_tokens: int, width: int,
-                       n_requests: int, check: Callable[[str, str | None], None],
+Job = tuple[str, str | None, int]
+"""One engine request: (prompt, adapter or None, max new tokens)."""
+
+
+def engine_closed_loop(engine: Any, jobs: list[Job], width: int, n_requests: int,
+                       check: Callable[[Job, str | None], None],
                        ) -> tuple[int, float]:  # fmt: skip
-    """``width`` closed-loop clients on ``engine`` (each submits its next prompt, cycling
-    ``prompts``, when its previous one is done), ``n_requests`` greedy requests in all →
-    (tokens generated, wall seconds). ``check(prompt, text)`` sees each completion's text
-    (None for a request that failed)."""
+    """``width`` closed-loop clients on ``engine`` (each submits its next job, cycling
+    ``jobs``, when its previous one is done), ``n_requests`` greedy requests in all →
+    (tokens generated, wall seconds). ``check(job, text)`` sees each completion's text (None
+    for a request that failed)."""
     import threading
 
     from actors.generation import SamplingParams
 
-    params = SamplingParams(max_new_tokens=max_tokens)
     lock, finished = threading.Lock(), threading.Event()
     state = {"issued": 0, "done": 0, "tokens": 0}
 
     def submit() -> None:
-        prompt = prompts[state["issued"] % len(prompts)]
+        job = jobs[state["issued"] % len(jobs)]
         state["issued"] += 1
-        engine.submit(prompt, params, None, lambda k, p, q=prompt: on_event(k, p, q))
+        prompt, adapter, max_tokens = job
+        engine.submit(prompt, SamplingParams(max_new_tokens=max_tokens), adapter,
+                      lambda k, p, q=job: on_event(k, p, q))  # fmt: skip
 
-    def on_event(kind: str, payload: Any, prompt: str) -> None:
+    def on_event(kind: str, payload: Any, job: Job) -> None:
         if kind == "text":
             return
         with lock:
             state["done"] += 1
             if kind == "done":
                 state["tokens"] += payload.completion_tokens
-            check(prompt, payload.text if kind == "done" else None)
+            check(job, payload.text if kind == "done" else None)
             if state["issued"] < n_requests:
                 submit()
             elif state["done"] == n_requests:

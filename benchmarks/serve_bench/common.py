@@ -226,6 +226,22 @@ def generator_ratios(
                 ratios[f"staggered_vs_plain_{key}_c{MIXED_CONCURRENCY}"] = ratio(
                     staggered[key], same[key]
                 )
+    # Each load against its own work in process (the engine without Serve): the mixed load's
+    # adapters and shorter requests cost the model more per token there too, so this shows
+    # what Serve adds to each load apart from what the work itself costs.
+    c = MIXED_CONCURRENCY
+    mixed_engine, plain_engine = inproc.get(f"engine_mixed{c}"), inproc.get(f"engine{c}")
+    if mixed_engine and plain_engine and same is not None:
+        mixed_share = ratio(mixed["aggregate_tok_s"], mixed_engine["aggregate_tok_s"])
+        plain_share = ratio(same["aggregate_tok_s"], plain_engine["aggregate_tok_s"])
+        ratios[f"inprocess_engine_mixed_vs_plain_aggregate_tok_s_c{c}"] = ratio(
+            mixed_engine["aggregate_tok_s"], plain_engine["aggregate_tok_s"]
+        )
+        ratios[f"serve_mixed_vs_inprocess_engine_mixed_aggregate_tok_s_c{c}"] = mixed_share
+        ratios[f"serve_c{c}_vs_inprocess_engine{c}_aggregate_tok_s"] = plain_share
+        ratios[f"mixed_vs_plain_serve_share_of_inprocess_engine_c{c}"] = ratio(
+            mixed_share, plain_share
+        )
     if staggered is not None:
         ratios[f"ttft_p50_c{MIXED_CONCURRENCY}_staggered_over_c{one}"] = ratio(
             staggered["ttft_p50_ms"], results[one]["ttft_p50_ms"]

@@ -217,6 +217,13 @@ def print_generator_table(gen: dict[str, Any]) -> None:
                     f"{'in-process ' + key:<24} {width:>4} {'-':>9} {'-':>9} {'-':>8} "
                     f"{fmt(inproc[key]['aggregate_tok_s'], 0):>8} {inproc[key][count]:>5}"
                 )
+    mixed_key = next((k for k in inproc if k.startswith("engine_mixed")), None)
+    if mixed_key is not None:
+        print(
+            f"{'in-process engine, mixed':<24} {mixed_key.removeprefix('engine_mixed'):>4} "
+            f"{'-':>9} {'-':>9} {'-':>8} {fmt(inproc[mixed_key]['aggregate_tok_s'], 0):>8} "
+            f"{inproc[mixed_key]['loops']:>5}"
+        )
     usage = gen["usage_check"]
     print(
         "non-streamed check: texts "
