@@ -54,6 +54,7 @@ from typing import Any, Protocol
 
 import torch
 
+from actors.adapter_rows import AdapterRows
 from actors.generation import Completion, SamplingParams, stop_token_ids, trim_at_stop
 from actors.prefix_cache import KV, PrefixCache
 
@@ -380,6 +381,7 @@ class ContinuousBatchingEngine:
         kind = getattr(config, "model_type", None)
         module = _position_module(model) if self._seq2seq and kind in ABSOLUTE_DECODERS else None
         self._row_positions = _RowPositions(module) if module is not None else None
+        self._adapter_rows: AdapterRows | None = None  # made at the first PEFT forward
         # Reuse and packing change where a prompt's tokens sit in the cache (a hole after a
         # reused prefix, prompts side by side in one row): right for full causal attention
         # over position_ids, wrong where masks count columns — sliding windows and chunked
@@ -512,6 +514,8 @@ class ContinuousBatchingEngine:
             self._thread.join(timeout=30)
         if self._row_positions is not None:  # the model may outlive its engine
             self._row_positions.handle.remove()
+        if self._adapter_rows is not None:
+            self._adapter_rows.remove()
 
     # ----- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -614,11 +618,20 @@ class ContinuousBatchingEngine:
         those columns."""
         from peft import PeftModel
 
-        if isinstance(self.model, PeftModel):
-            kwargs["adapter_names"] = [s.adapter or "__base__" for s in seqs]
         if self._keep_logits:
             kwargs["logits_to_keep"] = 1 if keep is None else keep
-        out = self.model(use_cache=True, return_dict=True, **kwargs)
+        if isinstance(self.model, PeftModel):
+            # PEFT's mixed-adapter forward, the names given through hooks kept on the model
+            # (``actors.adapter_rows``); a new model object (adapters added to a plain base,
+            # or the last one unloaded) gets its own
+            if self._adapter_rows is None or self._adapter_rows.model is not self.model:
+                if self._adapter_rows is not None:
+                    self._adapter_rows.remove()
+                self._adapter_rows = AdapterRows(self.model)
+            with self._adapter_rows.rows([s.adapter or "__base__" for s in seqs]):
+                out = self.model(use_cache=True, return_dict=True, **kwargs)
+        else:
+            out = self.model(use_cache=True, return_dict=True, **kwargs)
         if keep is None:
             return out.logits[:, -1, :].float(), out
         logits = out.logits[0] if self._keep_logits else out.logits[0, keep]
