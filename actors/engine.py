@@ -22,7 +22,8 @@ right-padded to the widest prompt (the encoder side is right-padded, as ``genera
 seq2seq prompts). Decoders take no per-sequence positions. Where positions are relative (T5's
 bias over the query-key distance), left-padding shifts both ends of that distance alike, so
 rows that started at different steps need nothing more. Absolute-position decoders (BART,
-mBART, Marian, Pegasus, M2M100/NLLB) number a step's positions from the batch's shared cache
+mBART, Marian, Pegasus, M2M100/NLLB, PLBart, MVP, Blenderbot, BlenderbotSmall, LED,
+BigBird-Pegasus) number a step's positions from the batch's shared cache
 width, which a joined row's would not be: the engine hooks their position module and gives
 each row the embedding of its own position (``_RowPositions``). Other families are refused
 (``engine_unsupported``) and the server keeps them on static batches.
@@ -172,7 +173,10 @@ RELATIVE_DECODERS = frozenset({"t5", "mt5", "umt5", "longt5"})
 # function of the step's position alone — to its token embeddings: the engine recomputes that
 # output per row (``_RowPositions``), so rows that joined at different steps each get their own
 # position (tested per family).
-ABSOLUTE_DECODERS = frozenset({"bart", "mbart", "marian", "pegasus", "m2m_100"})
+ABSOLUTE_DECODERS = frozenset({
+    "bart", "mbart", "marian", "pegasus", "m2m_100", "plbart", "mvp", "blenderbot",
+    "blenderbot-small", "led", "bigbird_pegasus",
+})  # fmt: skip
 
 # How ``generate`` shapes each step's scores from the model's generation_config (repetition
 # penalties, n-gram bans, minimum lengths, banned and suppressed tokens, sequence biases, forced
@@ -400,12 +404,15 @@ class ContinuousBatchingEngine:
         # A relative-position decoder has no position table to run past, nor has a sinusoidal
         # one that grows on demand (M2M100's ``make_weights``); an absolute encoder's table
         # bounds the prompt (past it the encoder's lookup fails, on CUDA for the whole batch).
+        # (LED names its encoder's and decoder's tables apart)
         table = getattr(config, "max_position_embeddings", None) or getattr(
             config, "n_positions", None
         )
+        encoder_table = getattr(config, "max_encoder_position_embeddings", None) or table
+        decoder_table = getattr(config, "max_decoder_position_embeddings", None) or table
         grows = module is not None and hasattr(module, "make_weights")
-        self._max_positions = None if self._seq2seq and (module is None or grows) else table
-        self._max_prompt = table if module is not None and not grows else None
+        self._max_positions = None if self._seq2seq and (module is None or grows) else decoder_table
+        self._max_prompt = encoder_table if module is not None and not grows else None
         accepted = inspect.signature(self._base().forward).parameters
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.

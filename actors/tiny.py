@@ -143,8 +143,8 @@ def tiny_model_path(name: str) -> str:
 
 
 def tiny_bart(kind: str = "bart", position_scale: float = 10.0, **dims: Any) -> tuple[Any, Any]:
-    """(model, tokenizer): a random BART-family encoder-decoder (``model_type`` ``kind``: bart,
-    mbart, marian, pegasus, m2m_100; 2+2 layers, d=64 unless ``dims`` say otherwise; seed 0)
+    """(model, tokenizer): a random BART-family encoder-decoder (``model_type`` ``kind``, one of
+    ``actors.engine.ABSOLUTE_DECODERS``; 2+2 layers, d=64 unless ``dims`` say otherwise; seed 0)
     with ``tiny:t5``'s tokenizer, for tests and benchmarks that compare its output with
     ``generate``. At BART's init every prompt decodes to the same text and a shifted position
     changes little, so such checks would prove nothing: its decoder's position table
@@ -158,6 +158,13 @@ def tiny_bart(kind: str = "bart", position_scale: float = 10.0, **dims: Any) -> 
         "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
         "max_position_embeddings": 256, **dims,
     }  # fmt: skip
+    if kind == "led":  # its encoder attends in local windows; its tables are named apart
+        table = shape.pop("max_position_embeddings")
+        shape = {"attention_window": [16] * shape["encoder_layers"],
+                 "max_encoder_position_embeddings": table,
+                 "max_decoder_position_embeddings": table, **shape}  # fmt: skip
+    if kind == "bigbird_pegasus":  # block-sparse attention needs longer inputs than tests use
+        shape = {"attention_type": "original_full", **shape}
     config = AutoConfig.for_model(
         kind, vocab_size=len(tok), dropout=0.0, attention_dropout=0.0,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
