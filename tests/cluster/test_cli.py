@@ -73,14 +73,22 @@ def test_missing_data_file(tmp_path, tiny_bert):
 
 
 def test_unknown_setting_and_bad_override(tmp_path, tiny_bert):
-    cfg = _config(tmp_path, tiny_bert)
-    assert_one_line_error(taskray("train", str(cfg), "training.epocs=3"), "training.epocs")
-    assert_one_line_error(taskray("train", str(cfg), "training.epochs=zero"), "training.epochs")
-    # Overrides after a flag are still overrides, not "unrecognized arguments".
-    done = taskray("train", str(cfg), "--workers", "1", "training.epochs=zero")
-    assert_one_line_error(done, "training.epochs")
-    assert_one_line_error(taskray("train", str(cfg), "--bogus"), "unrecognized arguments: --bogus")
-    assert_one_line_error(taskray("train", str(cfg), "output_dir=s3://b/run"), "is a URI")
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = str(_config(tmp_path, tiny_bert))
+    cases = [
+        (("training.epocs=3",), "training.epocs"),
+        (("training.epochs=zero",), "training.epochs"),
+        # Overrides after a flag are still overrides, not "unrecognized arguments".
+        (("--workers", "1", "training.epochs=zero"), "training.epochs"),
+        (("--bogus",), "unrecognized arguments: --bogus"),
+        (("output_dir=s3://b/run",), "is a URI"),
+    ]
+    # separate processes, run side by side: each is mostly its interpreter's start-up
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda case: taskray("train", cfg, *case[0]), cases))
+    for done, (_, fragment) in zip(runs, cases, strict=True):
+        assert_one_line_error(done, fragment)
 
 
 def test_missing_model(tmp_path, tiny_bert):
