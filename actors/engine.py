@@ -376,7 +376,7 @@ class ContinuousBatchingEngine:
         self._stop_ids = stop_token_ids(tokenizer, model)
         self._eos = set(self._stop_ids)
         try:
-            self._own_warpers = self._probe_warpers()
+            self._any_processors, self._own_warpers = self._probe_processors()
         except Exception as err:  # a transformers whose private builder changed shape
             raise ValueError(
                 f"continuous batching: generate's logits processors could not be built for "
@@ -1030,16 +1030,19 @@ class ContinuousBatchingEngine:
             model_kwargs=given,
         )  # fmt: skip
 
-    def _probe_warpers(self) -> bool:
-        """Whether generate's sampled list is more than its greedy one followed by the
-        temperature, top-k and top-p warpers (which the engine applies to rows grouped by
-        equal settings)."""
+    def _probe_processors(self) -> tuple[bool, bool]:
+        """(whether generate's greedy list holds any processor, whether its sampled list is
+        more than the greedy one followed by the temperature, top-k and top-p warpers, which
+        the engine applies to rows grouped by equal settings). Which processors the list
+        holds follows from the config alone (a request changes only their arguments), so a
+        model whose config calls for none builds no list per request."""
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         probe = SamplingParams(max_new_tokens=2, temperature=0.7, top_k=5, top_p=0.9)
         plain = [type(p) for p in self._request_processors([0], probe, sampled=False)]
         drawn = [type(p) for p in self._request_processors([0], probe, sampled=True)]
-        return drawn != [*plain, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper]
+        own = drawn != [*plain, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper]
+        return bool(plain), own
 
     def _seen(self, seq: _Seq) -> torch.Tensor:
         """``generate``'s input_ids for this sequence alone: a causal LM's prompt and
@@ -1071,7 +1074,10 @@ class ContinuousBatchingEngine:
         for row, seq in enumerate(seqs):
             if seq.processors is None:
                 sampled = self._own_warpers and not seq.params.greedy
-                seq.processors = self._request_processors(seq.prompt_ids, seq.params, sampled)
+                needed = self._any_processors or sampled
+                seq.processors = (
+                    self._request_processors(seq.prompt_ids, seq.params, sampled) if needed else []
+                )
             if seq.processors:
                 logits[row : row + 1] = seq.processors(self._seen(seq), logits[row : row + 1])
         chosen = logits.argmax(dim=-1).tolist()

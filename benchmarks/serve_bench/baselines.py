@@ -143,7 +143,11 @@ class InProcess:
         self.engined: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
         self.engine_mismatches = 0
         # the mixed load on the engine in process (a PEFT base with both adapters, built once)
-        self.model_dir, self.adapters, self.jobs = model_dir, adapters, jobs
+        self.model_dir, self.adapters = model_dir, adapters
+        self.mixed_jobs: list[Job] = [
+            (j["prompt"], None if j["model"] == "writer" else j["model"], j["max_tokens"])
+            for j in jobs
+        ]
         self.multi: Any = None
         self.mixed_engined: list[tuple[int, float]] = []
         self.reference: dict[tuple[str, str, int], dict[str, Any]] = {}
@@ -241,26 +245,13 @@ class InProcess:
     def _engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
         """taskray's continuous-batching engine in this process, no Serve: ``width`` closed-loop
         clients (each submits its next prompt when its previous one is done) → tokens, s."""
-        from actors.engine import ContinuousBatchingEngine
-
         jobs: list[Job] = [(p, None, self.max_tokens) for p in self.prompts]
-        engine = ContinuousBatchingEngine(self.model, self.tok)
-        try:
-            return engine_closed_loop(engine, jobs, width, n_requests, self._check)
-        finally:
-            engine.close()
-
-    def _check(self, job: Job, text: str | None) -> None:
-        prompt, adapter, max_tokens = job
-        ref = self.reference[(prompt, adapter or "writer", max_tokens)]["text"]
-        self.engine_mismatches += text != ref
+        return self._run_engine(self.model, jobs, width, n_requests)
 
     def _mixed_engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
         """The mixed load's jobs (base and adapters, two lengths) on the engine in this
         process, over one base holding both adapters, as a Serve replica holds them: what
         that work costs without Serve."""
-        from actors.engine import ContinuousBatchingEngine
-
         if self.multi is None:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
@@ -271,13 +262,22 @@ class InProcess:
             for name in names[1:]:
                 multi.load_adapter(self.adapters[name], adapter_name=name)
             self.multi = multi.eval()
-        jobs: list[Job] = [
-            (j["prompt"], None if j["model"] == "writer" else j["model"], j["max_tokens"])
-            for j in self.jobs
-        ]
-        engine = ContinuousBatchingEngine(self.multi, self.tok)
+        return self._run_engine(self.multi, self.mixed_jobs, width, n_requests)
+
+    def _run_engine(self, model: Any, jobs: list[Job], width: int, n_requests: int
+                    ) -> tuple[int, float]:  # fmt: skip
+        """``engine_closed_loop`` on a fresh engine over ``model``, each text checked against
+        the greedy reference."""
+        from actors.engine import ContinuousBatchingEngine
+
+        def check(job: Job, text: str | None) -> None:
+            prompt, adapter, max_tokens = job
+            ref = self.reference[(prompt, adapter or "writer", max_tokens)]["text"]
+            self.engine_mismatches += text != ref
+
+        engine = ContinuousBatchingEngine(model, self.tok)
         try:
-            return engine_closed_loop(engine, jobs, width, n_requests, self._check)
+            return engine_closed_loop(engine, jobs, width, n_requests, check)
         finally:
             engine.close()
 

@@ -88,16 +88,21 @@ def lm(request) -> tuple[Any, Any]:
             "bart": lambda: _seq2seq("bart", position_scale=10.0)}[request.param]()  # fmt: skip
 
 
-def reference(model: Any, tok: Any, prompt: str, new: int = NEW) -> list[int]:
-    """``model.generate`` alone, greedy: the generated ids up to (without) EOS."""
+def reference(
+    model: Any, tok: Any, prompt: str, new: int = NEW, sampled: SamplingParams | None = None
+) -> list[int]:
+    """``model.generate`` alone: the generated ids up to (without) EOS. Greedy, or with
+    ``sampled``'s settings after ``torch.manual_seed`` of its seed."""
     enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    settings: dict[str, Any] = {"max_new_tokens": new, "do_sample": False}
+    if sampled is not None:
+        torch.manual_seed(sampled.seed)
+        settings = {"max_new_tokens": sampled.max_new_tokens, "do_sample": True,
+                    "temperature": sampled.temperature, "top_k": sampled.top_k,
+                    "top_p": sampled.top_p}  # fmt: skip
     with torch.no_grad():
         out = model.generate(
-            **enc,
-            max_new_tokens=new,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+            **enc, **settings, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
         )
     # an encoder-decoder's output starts at its decoder start token, a causal LM's at the prompt
     seq2seq = model.config.is_encoder_decoder
@@ -244,7 +249,7 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(kind):
             rec.result()
         assert busy.token_ids == alone.token_ids
         # the very draw generate makes with that seed (the engine's generator per request)
-        assert alone.token_ids == _sampled_reference(model, tok, PROMPTS[0], params)
+        assert alone.token_ids == reference(model, tok, PROMPTS[0], sampled=params)
         unseeded = {tuple(wait_result(engine, PROMPTS[0],
                                       SamplingParams(max_new_tokens=16, temperature=1.5)
                                       ).token_ids) for _ in range(3)}  # fmt: skip
@@ -389,21 +394,6 @@ def test_encoder_cache_shrinks_when_the_widest_prompt_leaves():
         engine.close()
 
 
-def _sampled_reference(model: Any, tok: Any, prompt: str, params: SamplingParams) -> list[int]:
-    """``model.generate`` alone, sampling with the request's settings after
-    ``torch.manual_seed(seed)``: the generated ids up to (without) EOS."""
-    enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    torch.manual_seed(params.seed)
-    with torch.no_grad():
-        out = model.generate(
-            **enc, max_new_tokens=params.max_new_tokens, do_sample=True,
-            temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
-            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        )  # fmt: skip
-    ids = out[0, 1 if model.config.is_encoder_decoder else enc["input_ids"].shape[1] :].tolist()
-    return ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids
-
-
 @pytest.mark.parametrize("kind", ["llama", "t5", "bart"])
 def test_generation_config_settings_shape_scores_as_generate_shapes_them(kind):
     """What a model's generation_config sets for each step's scores (a repetition penalty, an
@@ -446,7 +436,7 @@ def test_generation_config_settings_shape_scores_as_generate_shapes_them(kind):
     model.generation_config.min_p = 0.05
     model.generation_config.typical_p = 0.9
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7)
-    want = _sampled_reference(model, tok, PROMPTS[0], params)
+    want = reference(model, tok, PROMPTS[0], sampled=params)
     engine = ContinuousBatchingEngine(model, tok)
     try:
         assert engine._own_warpers
