@@ -1,7 +1,8 @@
-"""``actors.adapter_rows``: each row's adapter given to PEFT's LoRA layers through hooks that
-stay registered gives exactly PEFT's own ``adapter_names`` forward, follows adapters added
-later (also on other target modules), refuses unknown names, leaves other threads' calls and
-the model after ``remove()`` as PEFT alone would run them."""
+"""``actors.adapter_rows``: each row's adapter, applied in one forward, equals that adapter
+applied alone (PEFT with only it active) and PEFT's own ``adapter_names`` forward, with
+adapters of different ranks and scalings on different modules, follows adapters added, deleted
+and loaded anew, refuses unknown names, leaves layers PEFT must run itself to PEFT, and leaves
+other threads' calls and the model after ``remove()`` as PEFT alone would run them."""
 
 from __future__ import annotations
 
@@ -17,16 +18,24 @@ from tests.actors.test_engine import _llama
 ROWS = ["a", "__base__", "b", "a"]
 
 
+def _lora(seed: int, **kwargs: Any) -> Any:
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)
+    options = {"r": 4, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], **kwargs}
+    return LoraConfig(init_lora_weights=False, **options)
+
+
 def _peft() -> tuple[Any, torch.Tensor]:
-    from peft import LoraConfig, get_peft_model
+    """A tiny llama with adapter ``a`` (r=4 on q/v) and ``b`` (r=8, rsLoRA scaling, on q/v/o,
+    rank 2 on the first layer's q)."""
+    from peft import get_peft_model
 
     model, tok = _llama()
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False)  # fmt: skip
-    peft = get_peft_model(model, config, adapter_name="a")
-    peft.add_adapter("b", LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                     init_lora_weights=False))  # fmt: skip
+    peft = get_peft_model(model, _lora(1), adapter_name="a")
+    b = _lora(2, r=8, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj", "o_proj"],
+               rank_pattern={"layers.0.self_attn.q_proj": 2})  # fmt: skip
+    peft.add_adapter("b", b)
     ids = tok(["one two three four"] * len(ROWS), return_tensors="pt")["input_ids"]
     return peft.eval(), ids
 
@@ -36,29 +45,98 @@ def _logits(model: Any, ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return model(input_ids=ids, **kwargs).logits
 
 
-def test_rows_equal_pefts_own_mixed_forward_and_follow_new_adapters():
-    from peft import LoraConfig
+def _alone(model: Any, ids: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Each row through PEFT with only its own adapter active (the base with none)."""
+    out = []
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                out.append(_logits(model, ids[row : row + 1]))
+        else:
+            model.set_adapter(name)
+            out.append(_logits(model, ids[row : row + 1]))
+    return torch.cat(out)
+
+
+def test_each_row_equals_its_adapter_alone_and_pefts_mixed_forward():
+    from peft.tuners.lora.layer import Linear
 
     model, ids = _peft()
     rows = AdapterRows(model)
-    want = _logits(model, ids, adapter_names=ROWS)
-    with rows.rows(ROWS):
-        got = _logits(model, ids)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not torch.equal(want[0], want[1]) and not torch.equal(want[0], want[2])
+    want = _alone(model, ids, ROWS)
+    peft_mixed = _logits(model, ids, adapter_names=ROWS)
+    # PEFT's per-adapter path is not taken for its LoRA Linear layers
+    mixed_forward = Linear._mixed_batch_forward
+    Linear._mixed_batch_forward = None  # type: ignore[method-assign,assignment]
+    try:
+        with rows.rows(ROWS):
+            got = _logits(model, ids)
+    finally:
+        Linear._mixed_batch_forward = mixed_forward  # type: ignore[method-assign]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, peft_mixed, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want[0], want[1]) and not torch.allclose(want[0], want[2])
+    assert not torch.allclose(want[1], want[2])
 
-    # an adapter on other modules wraps new layers: the hooks follow it
-    model.add_adapter("c", LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "o_proj"],
-                                      init_lora_weights=False))  # fmt: skip
-    names = ["c", "a", "__base__", "c"]
-    want = _logits(model, ids, adapter_names=names)
+
+def test_rows_follow_adapters_added_deleted_and_loaded_anew():
+    model, ids = _peft()
+    rows = AdapterRows(model)
+    with rows.rows(ROWS):
+        _logits(model, ids)  # stacks built for {a, b}
+    # an adapter on other modules wraps new layers
+    model.add_adapter("c", _lora(3, target_modules=["k_proj", "o_proj"]))
+    names = ["c", "a", "__base__", "b"]
     with rows.rows(names):
         got = _logits(model, ids)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    assert not torch.equal(want[0], want[2])
+    torch.testing.assert_close(got, _alone(model, ids, names), rtol=1e-5, atol=1e-5)
+    # c deleted and added again under its name with other weights: the same names in the same
+    # order, and no forward in between
+    model.delete_adapter("c")
+    model.add_adapter("c", _lora(4, target_modules=["k_proj", "o_proj"]))
+    with rows.rows(names):
+        got = _logits(model, ids)
+    torch.testing.assert_close(got, _alone(model, ids, names), rtol=1e-5, atol=1e-5)
 
     with pytest.raises(ValueError, match=r"non-existing adapter.*nope"), rows.rows(["a", "nope"]):
         pass
+
+
+def test_layers_and_calls_peft_must_run_go_to_peft():
+    from peft.tuners.lora.layer import Linear
+
+    model, ids = _peft()
+    rows = AdapterRows(model)
+    calls = []
+    mixed_forward = Linear._mixed_batch_forward
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(self)
+        return mixed_forward(self, *args, **kwargs)
+
+    Linear._mixed_batch_forward = counted  # type: ignore[method-assign]
+    try:
+        # an adapter with a LoRA bias: its layers run PEFT's own mixed forward, exactly
+        model.add_adapter("e", _lora(5, lora_bias=True))
+        names = ["e", "a", "__base__", "e"]
+        want = _logits(model, ids, adapter_names=names)
+        calls.clear()
+        with rows.rows(names):
+            got = _logits(model, ids)
+        assert set(calls) == {m for m in rows._linears if "e" in m.lora_A}  # not b's o_proj
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        with rows.rows(ROWS), pytest.raises(ValueError, match="Length of `adapter_names`"):
+            _logits(model, ids[:2])  # PEFT's own check of the row count
+    finally:
+        Linear._mixed_batch_forward = mixed_forward  # type: ignore[method-assign]
+    model.train()  # as PEFT, no mixed batch in training mode (dropout)
+    with pytest.raises(ValueError, match="training mode"), rows.rows(ROWS):
+        pass
+    model.eval()
+    # a DoRA adapter is PEFT's to run, and PEFT refuses it in a mixed batch
+    model.add_adapter("d", _lora(6, use_dora=True))
+    with rows.rows(["d", "a", "a", "a"]), pytest.raises(ValueError, match="DoRA"):
+        _logits(model, ids)
 
 
 def test_other_threads_and_a_removed_instance_run_as_peft_alone():
@@ -73,4 +151,4 @@ def test_other_threads_and_a_removed_instance_run_as_peft_alone():
     torch.testing.assert_close(other["out"], plain, rtol=0, atol=0)
     rows.remove()
     torch.testing.assert_close(_logits(model, ids), plain, rtol=0, atol=0)
-    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules())
