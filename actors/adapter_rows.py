@@ -19,12 +19,15 @@ built once per set of adapters, and ``row_mask`` keeps each row's own adapter's 
 the number of adapters, and it equals each row's adapter applied alone up to float rounding
 (the products are summed in another order; tested to 1e-5). On the engine's small benchmark
 model a LoRA layer with three adapters in a batch of 16 takes ~40 us against PEFT's ~150 us.
-Layers PEFT must run itself (DoRA and other variants, a LoRA bias, merged adapters, quantized
-layers) get the names through the hooks, as PEFT would. The names reach only the forwards run
-by the thread that set them: a call on the same model from another thread runs as PEFT alone.
-The stacked weights are copies taken when the set of adapters changes (an adapter added,
-deleted or loaded anew), not when a loaded adapter's weights are changed in place. No Ray
-here.
+The same operators take one packed row of prompts of several adapters (``packed()``, a mask
+per token instead of per row), which PEFT cannot: the engine's packed prefill then runs
+newcomers of different adapters together without padding. Layers PEFT must run itself (DoRA
+and other variants, a LoRA bias, merged adapters, quantized layers) get the names through the
+hooks, as PEFT would, and rule out packing across their adapters (``packs()``). The names
+reach only the forwards run by the thread that set them: a call on the same model from another
+thread runs as PEFT alone. The stacked weights are copies taken when the set of adapters
+changes (an adapter added, deleted or loaded anew), not when a loaded adapter's weights are
+changed in place. No Ray here.
 """
 
 from __future__ import annotations
@@ -47,13 +50,21 @@ class _Step:
     """The rows of the forwards run inside one ``rows()`` block."""
 
     thread: int
-    names: list[str]
+    names: list[str]  # one per row; for a packed row, one per token
     adapters: tuple[str, ...]  # the batch's adapters, sorted; their slots in the stacks
-    slot: list[int]  # each row's slot, -1 for the base
+    slot: list[int]  # each name's slot, -1 for the base
+    packed: bool  # one row whose tokens each have a name
     masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` has the rows (or, packed, the one row of tokens) the names are for."""
+        if self.packed:
+            return x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == len(self.slot)
+        return x.dim() >= 2 and len(x) == len(self.slot)
+
     def mask(self, rank: int, like: torch.Tensor, dims: int) -> torch.Tensor:
-        """(rows, 1, ..., slots * rank): 1 on each row's own adapter's columns."""
+        """(rows, 1, ..., slots * rank), or packed (1, tokens, slots * rank): 1 on each row's
+        (token's) own adapter's columns."""
         key = (like.device, like.dtype, dims)
         found = self.masks.get(key)
         if found is None:
@@ -61,7 +72,12 @@ class _Step:
             for row, s in enumerate(self.slot):
                 if s >= 0:
                     found[row, s * rank : (s + 1) * rank] = 1
-            found = found.view(len(self.slot), *([1] * (dims - 2)), -1).to(like.device)
+            shape = (
+                (1, len(self.slot), -1)
+                if self.packed
+                else (len(self.slot),) + (1,) * (dims - 2) + (-1,)
+            )
+            found = found.view(*shape).to(like.device)
             self.masks[key] = found
         return found
 
@@ -74,6 +90,8 @@ class AdapterRows:
         self.model = model
         self._handles: list[Any] = []
         self._linears: list[torch.nn.Module] = []  # LoRA Linear layers whose forward is ours
+        self._hooked: list[torch.nn.Module] = []  # layers PEFT runs, the names given by hooks
+        self._packs: dict[frozenset[str], bool] = {}
         self._key: tuple[tuple[str, int], ...] | None = None
         self._known: set[str] = set()
         self._rank = 0
@@ -103,6 +121,7 @@ class AdapterRows:
                 rank = max([rank, *module.r.values()])
             elif isinstance(module, LoraLayer | AuxiliaryTrainingWrapper):
                 self._handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
+                self._hooked.append(module)
             if isinstance(module, LoraLayer):
                 known |= set(module.lora_A) | set(module.lora_embedding_A)
         self._key, self._known, self._rank = key, known, rank
@@ -117,6 +136,10 @@ class AdapterRows:
         step = self._own()
         if step is None:
             return None
+        if step.packed:  # only where ``packs()`` found none of the adapters here
+            if self._holds(module, step.adapters):
+                raise ValueError(f"{type(module).__name__} cannot take adapters per token")
+            return args, {**kwargs, "adapter_names": [BASE]}
         return args, {**kwargs, "adapter_names": step.names}
 
     def _linear_forward(
@@ -126,10 +149,11 @@ class AdapterRows:
         if step is None:
             return type(module).forward(module, x, *args, **kwargs)
         stacks: Any = False
-        if not (module.merged or module.disable_adapters or module.training or x.dim() < 2
-                or len(x) != len(step.names)):  # fmt: skip
+        if not (module.merged or module.disable_adapters or module.training or not step.fits(x)):
             stacks = self._stacked(module, step.adapters)
         if stacks is False:  # a layer or call PEFT runs itself (and checks)
+            if step.packed:
+                raise ValueError("this LoRA layer cannot take adapters per token")
             return type(module).forward(module, x, *args, adapter_names=step.names, **kwargs)
         result = module.base_layer(x, *args, **kwargs)
         if stacks is None:  # no adapter of this batch wraps this layer
@@ -157,8 +181,7 @@ class AdapterRows:
         here = [name for name in adapters if name in module.lora_A]
         if not here:
             return None
-        if any(name in module.lora_variant or module.lora_B[name].bias is not None
-               for name in here):  # fmt: skip
+        if self._peft_only(module, here):
             return False
         first = module.lora_A[here[0]].weight
         rank = self._rank
@@ -175,11 +198,47 @@ class AdapterRows:
                 ).t()
         return a, b
 
+    @staticmethod
+    def _peft_only(module: Any, adapters: Sequence[str]) -> bool:
+        """Whether any of these adapters of a LoRA ``Linear`` needs PEFT's own forward."""
+        return any(name in module.lora_variant or module.lora_B[name].bias is not None
+                   for name in adapters if name in module.lora_A)  # fmt: skip
+
+    @staticmethod
+    def _holds(module: Any, adapters: Sequence[str]) -> bool:
+        held = [getattr(module, attr, {}) for attr in ("lora_A", "lora_embedding_A",
+                                                         "modules_to_save")]  # fmt: skip
+        return any(name in table for name in adapters for table in held)
+
+    def packs(self, adapters: Sequence[str]) -> bool:
+        """Whether one packed row may hold tokens of these adapters (``packed()``): every LoRA
+        layer holding any of them is one this class runs, with no bias or variant."""
+        self._register()
+        key = frozenset(a for a in adapters if a != BASE)
+        if key not in self._packs:
+            self._packs[key] = not any(self._holds(m, key) for m in self._hooked) and not any(
+                self._peft_only(m, tuple(key)) for m in self._linears
+            )
+        return self._packs[key]
+
     @contextmanager
     def rows(self, names: Sequence[str]) -> Iterator[None]:
         """Forwards run by this thread inside this block apply ``names[i]`` to row ``i``
         (``"__base__"``: no adapter). An adapter no LoRA layer holds is refused, as is a model
         in training mode, as PEFT refuses them."""
+        with self._steps(names, packed=False):
+            yield
+
+    @contextmanager
+    def packed(self, names: Sequence[str]) -> Iterator[None]:
+        """Forwards run by this thread inside this block take one row of tokens and apply
+        ``names[t]`` to token ``t`` (prompts of several adapters packed back to back). Only
+        where ``packs()`` allows it: a layer that cannot raises ``ValueError``."""
+        with self._steps(names, packed=True):
+            yield
+
+    @contextmanager
+    def _steps(self, names: Sequence[str], packed: bool) -> Iterator[None]:
         self._register()
         adapters = tuple(sorted({n for n in names if n != BASE}))
         unknown = set(adapters) - self._known
@@ -190,7 +249,7 @@ class AdapterRows:
         if self.model.training:  # PEFT's own rule: dropout would differ by row
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         slot = [adapters.index(n) if n != BASE else -1 for n in names]
-        self._step = _Step(threading.get_ident(), list(names), adapters, slot)
+        self._step = _Step(threading.get_ident(), list(names), adapters, slot, packed)
         try:
             yield
         finally:
@@ -202,4 +261,5 @@ class AdapterRows:
             handle.remove()
         for module in self._linears:
             module.__dict__.pop("forward", None)
-        self._handles, self._linears, self._key, self._stacks = [], [], None, {}
+        self._handles, self._linears, self._hooked, self._key = [], [], [], None
+        self._stacks, self._packs = {}, {}

@@ -336,8 +336,8 @@ class ContinuousBatchingEngine:
     Each sequence keeps its own sampling settings, seed (its own ``torch.Generator``: a seeded
     request samples the same tokens whatever else is in the batch), stop sequences and token
     budget. ``lock`` is held during each step: code that swaps adapters on ``model`` takes it.
-    Adapters of one PEFT base share a batch through PEFT's mixed-adapter forward
-    (``adapter_names=[...]`` per row, ``"__base__"`` for the plain model).
+    Adapters of one PEFT base share a batch, each row (and, in a packed prefill, each token)
+    through its own adapter (``actors.adapter_rows``; ``"__base__"`` for the plain model).
     """
 
     def __init__(
@@ -618,31 +618,42 @@ class ContinuousBatchingEngine:
         return next(self.model.parameters()).device
 
     def _forward(
-        self, seqs: Sequence[_Seq], keep: torch.Tensor | None = None, **kwargs: Any
+        self,
+        seqs: Sequence[_Seq],
+        keep: torch.Tensor | None = None,
+        tokens: list[str] | None = None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, Any]:
         """The model's forward for these rows (one adapter per row) → (logits of each row's
         last position, output); with ``keep`` (a single row's column indices), the logits at
-        those columns."""
-        from peft import PeftModel
-
+        those columns; with ``tokens``, one packed row whose tokens each have an adapter."""
         if self._keep_logits:
             kwargs["logits_to_keep"] = 1 if keep is None else keep
-        if isinstance(self.model, PeftModel):
-            # PEFT's mixed-adapter forward, the names given through hooks kept on the model
-            # (``actors.adapter_rows``); a new model object (adapters added to a plain base,
-            # or the last one unloaded) gets its own
-            if self._adapter_rows is None or self._adapter_rows.model is not self.model:
-                if self._adapter_rows is not None:
-                    self._adapter_rows.remove()
-                self._adapter_rows = AdapterRows(self.model)
-            with self._adapter_rows.rows([s.adapter or "__base__" for s in seqs]):
-                out = self.model(use_cache=True, return_dict=True, **kwargs)
-        else:
+        rows = self._adapter_rows_now()
+        if rows is None:
             out = self.model(use_cache=True, return_dict=True, **kwargs)
+        else:
+            names = [s.adapter or "__base__" for s in seqs]
+            with rows.packed(tokens) if tokens is not None else rows.rows(names):
+                out = self.model(use_cache=True, return_dict=True, **kwargs)
         if keep is None:
             return out.logits[:, -1, :].float(), out
         logits = out.logits[0] if self._keep_logits else out.logits[0, keep]
         return logits.float(), out
+
+    def _adapter_rows_now(self) -> AdapterRows | None:
+        """The rows' adapters' runner for the model as it is now (``actors.adapter_rows``);
+        a new model object (adapters added to a plain base, or the last one unloaded) gets its
+        own; ``None`` for a model without adapters."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            return None
+        if self._adapter_rows is None or self._adapter_rows.model is not self.model:
+            if self._adapter_rows is not None:
+                self._adapter_rows.remove()
+            self._adapter_rows = AdapterRows(self.model)
+        return self._adapter_rows
 
     def _prefill(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
         """Prefill newcomers together; if that fails, one at a time, so a prompt that makes the
@@ -761,15 +772,20 @@ class ContinuousBatchingEngine:
     PACKED_MASK_ELEMENTS = 1 << 26
 
     def _pack(self, seqs: list[_Seq], hits: list[tuple[int, KV | None]]) -> bool:
-        """Whether newcomers run packed: under SDPA, all through one adapter (PEFT picks
-        adapters per batch row), and (``packing`` None) when that costs fewer FLOPs than
-        left-padded rows. Packing runs no padding but attends densely across the whole row
-        (the mask hides what is not a prompt's own): per layer a token's projections and MLP
-        cost ~24h² FLOPs (a llama-shaped block of width h), one query-key pair ~4h."""
+        """Whether newcomers run packed: under SDPA, through one adapter or through adapters
+        that ``AdapterRows`` can apply per token, and (``packing`` None) when that costs fewer
+        FLOPs than left-padded rows. Packing runs no padding but attends densely across the
+        whole row (the mask hides what is not a prompt's own): per layer a token's projections
+        and MLP cost ~24h² FLOPs (a llama-shaped block of width h), one query-key pair ~4h."""
         if not self._packable or self.packing is False:
             return False
-        if len(seqs) < 2 or len({s.adapter for s in seqs}) > 1:
+        if len(seqs) < 2:
             return False
+        adapters = {s.adapter or "__base__" for s in seqs}
+        if len(adapters) > 1:
+            rows = self._adapter_rows_now()
+            if rows is None or not rows.packs(sorted(adapters)):
+                return False
         rests = [len(s.prompt_ids) - p for s, (p, _) in zip(seqs, hits, strict=True)]
         kept = [p for p, _ in hits]
         run, width = sum(rests), max(rests)
@@ -882,8 +898,11 @@ class ContinuousBatchingEngine:
             past = [tuple(torch.cat([kv[layer][part] for kv in reused], dim=2) for part in (0, 1))
                     for layer in range(len(reused[0]))]  # fmt: skip
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
+        names = [s.adapter or "__base__" for s in seqs]
+        tokens = None if len(set(names)) == 1 else [n for n, k in zip(names, lengths, strict=True)
+                                                      for _ in range(k)]  # fmt: skip
         logits, _ = self._forward(
-            seqs[:1], keep=torch.tensor(ends, device=device),
+            seqs[:1], keep=torch.tensor(ends, device=device), tokens=tokens,
             input_ids=torch.tensor([ids], device=device), attention_mask=mask.to(device),
             position_ids=torch.tensor([positions], device=device), **{self._cache_arg: cache},
         )  # fmt: skip

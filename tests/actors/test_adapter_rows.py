@@ -139,6 +139,37 @@ def test_layers_and_calls_peft_must_run_go_to_peft():
         _logits(model, ids)
 
 
+def test_a_packed_row_takes_each_tokens_adapter_where_packs_allows():
+    model, _ = _peft()
+    rows = AdapterRows(model)
+    layer = model.base_model.model.model.layers[1].self_attn.q_proj
+    names = ["a", "a", "__base__", "b", "b", "a"]
+    torch.manual_seed(0)
+    x = torch.randn(1, len(names), layer.in_features)
+    assert rows.packs(["a", "b", "__base__"])
+    with torch.no_grad():
+        with rows.packed(names):
+            got = layer(x)
+        want = []
+        for t, name in enumerate(names):
+            if name == "__base__":
+                want.append(layer.base_layer(x[:, t : t + 1]))
+            else:
+                model.set_adapter(name)
+                want.append(layer(x[:, t : t + 1]))
+    torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want[0], layer.base_layer(x[:, :1]))
+
+    # a LoRA bias (PEFT's own forward) or an embedding adapter (PEFT's layer): rows only
+    model.add_adapter("e", _lora(5, lora_bias=True))
+    model.add_adapter("m", _lora(6, target_modules=["embed_tokens"]))
+    assert rows.packs(["a", "b"]) and not rows.packs(["a", "e"]) and not rows.packs(["m"])
+    ids = torch.tensor([[5, 6, 7]])
+    for name in ("e", "m"):
+        with rows.packed([name, "a", "a"]), pytest.raises(ValueError, match="per token"):
+            _logits(model, ids)
+
+
 def test_other_threads_and_a_removed_instance_run_as_peft_alone():
     model, ids = _peft()
     plain = _logits(model, ids)  # PEFT's active adapter on every row

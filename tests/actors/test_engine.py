@@ -12,6 +12,7 @@ import re
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,10 +277,11 @@ def test_stop_sequence_is_trimmed_and_never_streamed(lm):
         engine.close()
 
 
-@pytest.mark.parametrize("kind", ["llama", "t5", "bart"])
-def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
-    """Base, adapter a and adapter b in one running batch (PEFT's mixed-adapter forward):
-    each output equals PEFT's own ``generate`` with only that adapter active."""
+def _two_adapters(tmp_path: Path, kind: str) -> tuple[Any, Any, Any]:
+    """A tiny ``kind`` model saved under ``tmp_path/base``, with random LoRA adapters ``a``
+    (seed 1) and ``b`` (seed 2) saved beside it → (the base with both loaded as serving loads
+    them, its tokenizer, ``alone(adapter, prompt)``: PEFT's own ``generate`` with only that
+    adapter, or none, active)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -297,17 +299,23 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
                             task_type=task_type)  # fmt: skip
         get_peft_model(fresh, config).save_pretrained(tmp_path / name)
 
-    def alone(adapter: str | None) -> list[int]:
+    def alone(adapter: str | None, prompt: str) -> list[int]:
         base = auto.from_pretrained(tmp_path / "base").eval()
         if adapter is None:
-            return reference(base, tok, PROMPTS[0])
-        return reference(PeftModel.from_pretrained(base, tmp_path / adapter).eval(), tok,
-                         PROMPTS[0])  # fmt: skip
+            return reference(base, tok, prompt)
+        return reference(PeftModel.from_pretrained(base, tmp_path / adapter).eval(), tok, prompt)
 
     served = auto.from_pretrained(tmp_path / "base").eval()
     served = PeftModel.from_pretrained(served, tmp_path / "a", adapter_name="a")
     served.load_adapter(tmp_path / "b", adapter_name="b")
-    served.eval()
+    return served.eval(), tok, alone
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5", "bart"])
+def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
+    """Base, adapter a and adapter b in one running batch (``actors.adapter_rows``): each
+    output equals PEFT's own ``generate`` with only that adapter active."""
+    served, tok, alone = _two_adapters(tmp_path, kind)
     engine = ContinuousBatchingEngine(served, tok)
     try:
         recs = {name: Recorder() for name in (None, "a", "b")}
@@ -319,7 +327,7 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
         outputs = {name: rec.result().token_ids for name, rec in recs.items()}
         assert max(engine.stats()["decode_batch_sizes"]) == 3
         for name, ids in outputs.items():
-            assert ids == alone(name)[: len(ids)], name
+            assert ids == alone(name, PROMPTS[0])[: len(ids)], name
         assert outputs["a"] != outputs["b"] != outputs[None]
         if kind == "llama":  # again: each adapter's kept prompt K/V serve its own repeat
             again = {name: Recorder() for name in (None, "a", "b")}
@@ -328,6 +336,28 @@ def test_mixed_adapters_share_a_batch_and_each_equals_peft(tmp_path, kind):
                     engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=NEW), name, rec)
             assert {name: rec.result().token_ids for name, rec in again.items()} == outputs
             assert engine.stats()["prefix_hits"] == 3, engine.stats()
+    finally:
+        engine.close()
+
+
+def test_prompts_of_different_adapters_prefill_packed_in_one_row(tmp_path):
+    """Newcomers through the base, a and b run packed back to back in one row, each token
+    through its own request's adapter: one packed prefill, and each output equals PEFT's own
+    ``generate`` with only that adapter active."""
+    served, tok, alone = _two_adapters(tmp_path, "llama")
+    engine = ContinuousBatchingEngine(served, tok)
+    engine.packing = True
+    jobs = [(None, PROMPTS[1]), ("a", PROMPTS[2]), ("b", PROMPTS[3]), ("a", PROMPTS[4])]
+    try:
+        recs = [Recorder() for _ in jobs]
+        with engine.lock:
+            for (name, prompt), rec in zip(jobs, recs, strict=True):
+                engine.submit(prompt, SamplingParams(max_new_tokens=NEW), name, rec)
+        outputs = [rec.result().token_ids for rec in recs]
+        stats = engine.stats()
+        assert stats["packed_prefills"] == 1 and max(stats["decode_batch_sizes"]) == 4, stats
+        for (name, prompt), ids in zip(jobs, outputs, strict=True):
+            assert ids == alone(name, prompt)[: len(ids)], name
     finally:
         engine.close()
 
