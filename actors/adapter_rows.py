@@ -206,9 +206,10 @@ class AdapterRows:
 
     @staticmethod
     def _holds(module: Any, adapters: Sequence[str]) -> bool:
-        held = [getattr(module, attr, {}) for attr in ("lora_A", "lora_embedding_A",
-                                                         "modules_to_save")]  # fmt: skip
-        return any(name in table for name in adapters for table in held)
+        """Whether a layer PEFT runs holds any of these adapters (a layer that cannot say is
+        taken to hold them)."""
+        available = getattr(module, "_get_available_adapters", None)
+        return available is None or any(name in available() for name in adapters)
 
     def packs(self, adapters: Sequence[str]) -> bool:
         """Whether one packed row may hold tokens of these adapters (``packed()``): every LoRA

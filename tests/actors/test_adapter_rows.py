@@ -160,12 +160,15 @@ def test_a_packed_row_takes_each_tokens_adapter_where_packs_allows():
     torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(want[0], layer.base_layer(x[:, :1]))
 
-    # a LoRA bias (PEFT's own forward) or an embedding adapter (PEFT's layer): rows only
+    # a LoRA bias (PEFT's own forward), an embedding adapter or a fully trained module (PEFT's
+    # layers): rows only
     model.add_adapter("e", _lora(5, lora_bias=True))
     model.add_adapter("m", _lora(6, target_modules=["embed_tokens"]))
+    model.add_adapter("s", _lora(7, modules_to_save=["lm_head"]))
     assert rows.packs(["a", "b"]) and not rows.packs(["a", "e"]) and not rows.packs(["m"])
+    assert not rows.packs(["s"])
     ids = torch.tensor([[5, 6, 7]])
-    for name in ("e", "m"):
+    for name in ("e", "m", "s"):
         with rows.packed([name, "a", "a"]), pytest.raises(ValueError, match="per token"):
             _logits(model, ids)
 
