@@ -1,39 +1,39 @@
-"""Each batch row's LoRA adapter in one forward: PEFT's LoRA ``Linear`` layers run every row's
-own adapter as two matrix products over all the batch's adapters at once, and PEFT's other
-layers get the row names through forward pre-hooks kept registered.
+"""Each batch row's LoRA adapter in one forward: PEFT's LoRA ``Linear`` layers run every row's own
+adapter as two matrix products over all the batch's adapters at once, and PEFT's other layers
+get the row names through forward pre-hooks kept registered.
 
 Why by hand: PEFT's mixed-adapter forward (``PeftModel(..., adapter_names=[...])``) is the only
 library path, and on every call it walks all of the model's modules twice (to check the names,
 then to register a pre-hook on each LoRA layer that passes them on) and removes the hooks
 afterwards; then each LoRA layer builds the row-index lists of each adapter in Python, gathers
-each adapter's rows, runs its two small linears and scatters them back (about ten operators
-per adapter per layer). Multi-LoRA servers (punica, S-LoRA, LoRAX) batch this with their own
-kernels; PEFT has none. Here each LoRA ``Linear`` layer computes, for the ``n`` adapters in
-the batch (ranks padded to the largest, scaling folded into B)::
+each adapter's rows, runs its two small linears and scatters them back (about ten operators per
+adapter per layer). Multi-LoRA servers (punica, S-LoRA, LoRAX) batch this with their own
+kernels; PEFT has none. Here each LoRA ``Linear`` layer computes, for the ``n`` adapters in the
+batch (ranks padded to the largest of theirs, scaling folded into B)::
 
     result = base_layer(x) + ((x @ A_cat.T) * row_mask) @ B_cat
 
-where ``A_cat`` (``n*r`` x in) and ``B_cat`` (``n*r`` x out) stack the adapters' weights,
-built once per set of adapters, and ``row_mask`` keeps each row's own adapter's ``r`` columns
-(zeros for ``"__base__"``), built once per forward. That is three operators per layer whatever
-the number of adapters, and it equals each row's adapter applied alone up to float rounding
-(the products are summed in another order; tested to 1e-5). On the engine's small benchmark
-model a LoRA layer with three adapters in a batch of 16 takes ~40 us against PEFT's ~150 us.
-The same operators take one packed row of prompts of several adapters (``packed()``, a mask
-per token instead of per row), which PEFT cannot: the engine's packed prefill then runs
-newcomers of different adapters together without padding. Layers PEFT must run itself (DoRA
-and other variants, a LoRA bias, merged adapters, quantized layers) get the names through the
-hooks, as PEFT would, and rule out packing across their adapters (``packs()``). The names
-reach only the forwards run by the thread that set them: a call on the same model from another
-thread runs as PEFT alone. The stacked weights are copies taken when the set of adapters
-changes (an adapter added, deleted or loaded anew), not when a loaded adapter's weights are
-changed in place. No Ray here.
+where ``A_cat`` (``n*r`` x in) and ``B_cat`` (``n*r`` x out) stack the adapters' weights
+(copies, kept for the last four sets of adapters used), and ``row_mask`` keeps each row's own
+adapter's ``r`` columns (zeros for ``"__base__"``), built once per forward. That is three
+operators per layer whatever the number of adapters, and it equals each row's adapter applied
+alone up to float rounding (the products are summed in another order; tested to 1e-5). On the
+engine's small benchmark model a LoRA layer with three adapters in a batch of 16 takes ~40 us
+against PEFT's ~150 us. The same operators take one packed row of prompts of several adapters
+(``packed()``, a mask per token instead of per row), which PEFT cannot: the engine's packed
+prefill then runs newcomers of different adapters together without padding. Layers PEFT must run
+itself (DoRA and other variants, a LoRA bias, merged adapters, quantized layers) get the names
+through the hooks, as PEFT would, and rule out packing across their adapters (``packs()``). The
+names reach only the forwards run by the thread that set them: a call on the same model from
+another thread runs as PEFT alone. The stacks follow adapters added, deleted or loaded anew and
+a changed scaling (``set_scale``), not a loaded adapter's weights changed in place. No Ray here.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +42,10 @@ from typing import Any
 import torch
 
 BASE = "__base__"
-_MAX_SETS = 16  # sets of adapters whose stacked weights are kept (the batch's set rarely changes)
+# Sets of adapters whose stacked weights are kept, least recently used dropped: each holds a
+# copy of its adapters' LoRA weights (a batch's set changes as requests come and go, but over a
+# few sets: with adapters a and b, {a}, {b} and {a, b}).
+_MAX_SETS = 4
 
 
 @dataclass
@@ -54,6 +57,7 @@ class _Step:
     adapters: tuple[str, ...]  # the batch's adapters, sorted; their slots in the stacks
     slot: list[int]  # each name's slot, -1 for the base
     packed: bool  # one row whose tokens each have a name
+    rank: int  # the columns of each slot: the largest rank of these adapters in any layer
     masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -62,22 +66,17 @@ class _Step:
             return x.dim() == 3 and x.shape[0] == 1 and x.shape[1] == len(self.slot)
         return x.dim() >= 2 and len(x) == len(self.slot)
 
-    def mask(self, rank: int, like: torch.Tensor, dims: int) -> torch.Tensor:
+    def mask(self, like: torch.Tensor, dims: int) -> torch.Tensor:
         """(rows, 1, ..., slots * rank), or packed (1, tokens, slots * rank): 1 on each row's
-        (token's) own adapter's columns."""
+        (token's) own adapter's columns. Built once per forward, on the device."""
         key = (like.device, like.dtype, dims)
         found = self.masks.get(key)
         if found is None:
-            found = torch.zeros((len(self.slot), len(self.adapters) * rank), dtype=like.dtype)
-            for row, s in enumerate(self.slot):
-                if s >= 0:
-                    found[row, s * rank : (s + 1) * rank] = 1
-            shape = (
-                (1, len(self.slot), -1)
-                if self.packed
-                else (len(self.slot),) + (1,) * (dims - 2) + (-1,)
-            )
-            found = found.view(*shape).to(like.device)
+            slot = torch.tensor(self.slot, device=like.device)
+            column = torch.arange(len(self.adapters) * self.rank, device=like.device) // self.rank
+            found = (column[None, :] == slot[:, None]).to(like.dtype)
+            n = len(self.slot)
+            found = found.view(1, n, -1) if self.packed else found.view(n, *[1] * (dims - 2), -1)
             self.masks[key] = found
         return found
 
@@ -93,10 +92,13 @@ class AdapterRows:
         self._hooked: list[torch.nn.Module] = []  # layers PEFT runs, the names given by hooks
         self._packs: dict[frozenset[str], bool] = {}
         self._key: tuple[tuple[str, int], ...] | None = None
+        self._configs: tuple[Any, ...] = ()  # held, so that their ids in the key stay theirs
         self._known: set[str] = set()
-        self._rank = 0
-        self._stacks: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, torch.Tensor] | None]]
-        self._stacks = {}
+        self._ranks: dict[str, int] = {}  # each adapter's largest rank in any layer
+        self._variant_keys: tuple[str, ...] = ()
+        # adapters → layer → (the scalings it was built with, its stacks)
+        self._stacks: OrderedDict[tuple[str, ...], dict[int, tuple[tuple[Any, ...], Any]]]
+        self._stacks = OrderedDict()
         self._step: _Step | None = None
 
     def _register(self) -> None:
@@ -104,7 +106,7 @@ class AdapterRows:
         adapter with other target modules wraps new layers, and one deleted and loaded anew
         under its name has new weights (and a new config object)."""
         from peft.tuners.lora import LoraLayer
-        from peft.tuners.lora.layer import Linear
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, Linear
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         key = tuple((name, id(cfg)) for name, cfg in self.model.peft_config.items())
@@ -112,19 +114,22 @@ class AdapterRows:
             return
         self.remove()
         known: set[str] = set()
-        rank = 0
+        ranks: dict[str, int] = {}
         for module in self.model.modules():
             if type(module) is Linear:  # exactly: quantized LoRA layers have their own forward
                 # An instance attribute: nn.Module.__call__ runs it in place of the class's
                 module.forward = functools.partial(self._linear_forward, module)
                 self._linears.append(module)
-                rank = max([rank, *module.r.values()])
+                for name, r in module.r.items():
+                    ranks[name] = max(ranks.get(name, 0), r)
             elif isinstance(module, LoraLayer | AuxiliaryTrainingWrapper):
                 self._handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
                 self._hooked.append(module)
             if isinstance(module, LoraLayer):
                 known |= set(module.lora_A) | set(module.lora_embedding_A)
-        self._key, self._known, self._rank = key, known, rank
+        self._key, self._known, self._ranks = key, known, ranks
+        self._configs = tuple(self.model.peft_config.values())
+        self._variant_keys = tuple(VARIANT_KWARG_KEYS)
 
     def _own(self) -> _Step | None:
         step = self._step
@@ -155,27 +160,35 @@ class AdapterRows:
             if step.packed:
                 raise ValueError("this LoRA layer cannot take adapters per token")
             return type(module).forward(module, x, *args, adapter_names=step.names, **kwargs)
+        # what PEFT passes its variants (aLoRA's offsets, set by the model for its active
+        # adapter), never the base layer, as PEFT's own forward drops them
+        for name in self._variant_keys:
+            kwargs.pop(name, None)
         result = module.base_layer(x, *args, **kwargs)
         if stacks is None:  # no adapter of this batch wraps this layer
             return result
         a, b = stacks
-        h = torch.matmul(x.to(a.dtype), a.t()) * step.mask(self._rank, a, x.dim())
+        h = torch.matmul(x.to(a.dtype), a.t()) * step.mask(a, x.dim())
         return result + torch.matmul(h, b).to(result.dtype)
 
     def _stacked(
         self, module: Any, adapters: tuple[str, ...]
     ) -> tuple[torch.Tensor, torch.Tensor] | bool | None:
         """(A_cat, B_cat) of this layer for these adapters; ``None`` when none of them wraps it,
-        ``False`` when one of them needs PEFT's own forward."""
+        ``False`` when one of them needs PEFT's own forward. Rebuilt when a scaling changed
+        (``set_scale``), since it is folded into B."""
         layers = self._stacks.get(adapters)
         if layers is None:
-            if len(self._stacks) >= _MAX_SETS:
-                self._stacks.clear()
+            while len(self._stacks) >= _MAX_SETS:
+                self._stacks.popitem(last=False)
             layers = self._stacks[adapters] = {}
-        key = id(module)
-        if key not in layers:
-            layers[key] = self._stack(module, adapters)
-        return layers[key]
+        else:
+            self._stacks.move_to_end(adapters)
+        scalings = tuple(module.scaling.get(name) for name in adapters)
+        found = layers.get(id(module))
+        if found is None or found[0] != scalings:
+            found = layers[id(module)] = (scalings, self._stack(module, adapters))
+        return found[1]
 
     def _stack(self, module: Any, adapters: tuple[str, ...]) -> Any:
         here = [name for name in adapters if name in module.lora_A]
@@ -184,7 +197,7 @@ class AdapterRows:
         if self._peft_only(module, here):
             return False
         first = module.lora_A[here[0]].weight
-        rank = self._rank
+        rank = max(self._ranks.get(name, 0) for name in adapters)
         a = first.new_zeros((len(adapters) * rank, module.in_features))
         b = first.new_zeros((len(adapters) * rank, module.out_features))
         with torch.no_grad():
@@ -222,6 +235,11 @@ class AdapterRows:
             )
         return self._packs[key]
 
+    def no_packing(self, adapters: Sequence[str]) -> None:
+        """Record that a packed row of these adapters failed: ``packs()`` says no from now on
+        (until the model's adapters change)."""
+        self._packs[frozenset(a for a in adapters if a != BASE)] = False
+
     @contextmanager
     def rows(self, names: Sequence[str]) -> Iterator[None]:
         """Forwards run by this thread inside this block apply ``names[i]`` to row ``i``
@@ -250,7 +268,8 @@ class AdapterRows:
         if self.model.training:  # PEFT's own rule: dropout would differ by row
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         slot = [adapters.index(n) if n != BASE else -1 for n in names]
-        self._step = _Step(threading.get_ident(), list(names), adapters, slot, packed)
+        rank = max((self._ranks.get(name, 0) for name in adapters), default=0)
+        self._step = _Step(threading.get_ident(), list(names), adapters, slot, packed, rank)
         try:
             yield
         finally:
@@ -263,4 +282,4 @@ class AdapterRows:
         for module in self._linears:
             module.__dict__.pop("forward", None)
         self._handles, self._linears, self._hooked, self._key = [], [], [], None
-        self._stacks, self._packs = {}, {}
+        self._stacks, self._packs, self._configs = OrderedDict(), {}, ()

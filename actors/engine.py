@@ -647,11 +647,12 @@ class ContinuousBatchingEngine:
         own; ``None`` for a model without adapters."""
         from peft import PeftModel
 
+        if self._adapter_rows is not None and self._adapter_rows.model is not self.model:
+            self._adapter_rows.remove()  # and let the old model and its stacked weights go
+            self._adapter_rows = None
         if not isinstance(self.model, PeftModel):
             return None
-        if self._adapter_rows is None or self._adapter_rows.model is not self.model:
-            if self._adapter_rows is not None:
-                self._adapter_rows.remove()
+        if self._adapter_rows is None:
             self._adapter_rows = AdapterRows(self.model)
         return self._adapter_rows
 
@@ -749,10 +750,16 @@ class ContinuousBatchingEngine:
                 logits, layers = self._run_packed(seqs, hits, joined)
             except Exception as err:
                 logits, layers = self._run_padded(seqs, hits, joined)  # raises if the rows do
-                # Only packing failed: a forward that cannot take the block mask.
-                log.warning("packed prefill failed, newcomers run left-padded from now on: %s",
-                            err)  # fmt: skip
-                self._packable = False
+                adapters = sorted({s.adapter or "__base__" for s in seqs})
+                if len(adapters) > 1 and self._adapter_rows is not None:
+                    # a layer that cannot take these adapters per token: only they stop packing
+                    self._adapter_rows.no_packing(adapters)
+                    log.warning("packed prefill across adapters %s failed, they run left-padded "
+                                "together from now on: %s", adapters, err)  # fmt: skip
+                else:  # a forward that cannot take the block mask
+                    log.warning("packed prefill failed, newcomers run left-padded from now on: "
+                                "%s", err)  # fmt: skip
+                    self._packable = False
         else:
             logits, layers = self._run_padded(seqs, hits, joined)
         if reuse and self.prefix is not None:

@@ -102,6 +102,43 @@ def test_rows_follow_adapters_added_deleted_and_loaded_anew():
         pass
 
 
+def test_a_changed_scale_an_alora_active_adapter_and_many_sets_are_followed():
+    from peft import get_peft_model
+
+    model, ids = _peft()
+    rows = AdapterRows(model)
+    with rows.rows(ROWS):
+        _logits(model, ids)
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():  # PEFT's own in-place rescaling, folded into the stacks
+        if isinstance(module, LoraLayer) and "a" in module.scaling:
+            module.set_scale("a", 3.0)
+    with rows.rows(ROWS):
+        got = _logits(model, ids)
+    torch.testing.assert_close(got, _alone(model, ids, ROWS), rtol=1e-5, atol=1e-5)
+    # more sets of adapters than are kept: the least recently used go
+    model.add_adapter("c", _lora(3))
+    for names in (["a"], ["b"], ["c"], ["a", "b"], ["a", "c"], ["b", "c"]):
+        rows_names = [names[0], "__base__", names[-1], names[0]]
+        with rows.rows(rows_names):
+            got = _logits(model, ids)
+        torch.testing.assert_close(got, _alone(model, ids, rows_names), rtol=1e-5, atol=1e-5)
+    assert list(rows._stacks) == [("c",), ("a", "b"), ("a", "c"), ("b", "c")]
+
+    # an aLoRA adapter as the active one: the model passes its offsets to every LoRA layer
+    base, tok = _llama()
+    invocation = tok("two three", add_special_tokens=False)["input_ids"]
+    alora = _lora(1, alora_invocation_tokens=invocation, task_type="CAUSAL_LM")
+    model = get_peft_model(base, alora, adapter_name="x")
+    model.add_adapter("b", _lora(2, task_type="CAUSAL_LM"))
+    model.eval()
+    names = ["b", "__base__", "b", "__base__"]
+    with AdapterRows(model).rows(names):
+        got = _logits(model, ids)
+    torch.testing.assert_close(got, _logits(model, ids, adapter_names=names), rtol=1e-5, atol=1e-5)
+
+
 def test_layers_and_calls_peft_must_run_go_to_peft():
     from peft.tuners.lora.layer import Linear
 

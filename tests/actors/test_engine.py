@@ -362,6 +362,45 @@ def test_prompts_of_different_adapters_prefill_packed_in_one_row(tmp_path):
         engine.close()
 
 
+def test_a_failed_packed_prefill_across_adapters_stops_only_that_packing(tmp_path):
+    """A packed row of several adapters that fails runs left-padded, exactly; those adapters
+    stop packing together, and one adapter's newcomers still pack."""
+    served, tok, alone = _two_adapters(tmp_path, "llama")
+    engine = ContinuousBatchingEngine(served, tok)
+    engine.packing = True
+    rows = engine._adapter_rows_now()
+    assert rows is not None and rows.packs(["a", "b"])
+
+    def refuse(names: Any) -> Any:
+        raise ValueError("this LoRA layer cannot take adapters per token")
+
+    rows.packed = refuse  # type: ignore[method-assign]
+
+    def burst(jobs: list[tuple[str | None, str]]) -> list[list[int]]:
+        recs = [Recorder() for _ in jobs]
+        with engine.lock:
+            for (name, prompt), rec in zip(jobs, recs, strict=True):
+                engine.submit(prompt, SamplingParams(max_new_tokens=NEW), name, rec)
+        return [rec.result().token_ids for rec in recs]
+
+    try:
+        # (the engine may admit the first request before the others are queued)
+        mixed = [("a", PROMPTS[1]), ("a", PROMPTS[5]), ("b", PROMPTS[2])]
+        for (name, prompt), ids in zip(mixed, burst(mixed), strict=True):
+            assert ids == alone(name, prompt)[: len(ids)], name
+        assert not rows.packs(["a", "b"]) and engine._packable
+        assert engine.stats().get("packed_prefills", 0) == 0
+        burst([("a", PROMPTS[3]), ("a", PROMPTS[4]), ("a", PROMPTS[0])])
+        assert engine.stats()["packed_prefills"] == 1
+        # the last adapter unloaded: the runner lets the PEFT model (and its stacks) go
+        with engine.lock:
+            engine.model = served.unload()
+        assert engine._adapter_rows_now() is None and engine._adapter_rows is None
+        assert not rows._linears and not rows._stacks
+    finally:
+        engine.close()
+
+
 def _staggered_joins(engine: ContinuousBatchingEngine, lengths: list[int]) -> list[Completion]:
     """Submit ``PROMPTS`` (cycled) with these token budgets, each once the engine has taken a
     decode step since the previous one, so every request joins a batch already running; their
