@@ -15,7 +15,8 @@ batches (``@serve.batch``, equal settings per ``generate`` call) and runs each s
 Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
 adapter to replicas that already hold it and evicts the least recently used one past
 ``max_adapters``); they live as named PEFT adapters on one shared base model, and requests for
-different adapters share the engine's batch (PEFT's mixed-adapter forward).
+different adapters share the engine's batch, each row through its own adapter
+(``actors.adapter_rows``).
 """
 
 import asyncio
