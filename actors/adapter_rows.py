@@ -58,6 +58,7 @@ class _Step:
     slot: list[int]  # each name's slot, -1 for the base
     packed: bool  # one row whose tokens each have a name
     rank: int  # the columns of each slot: the largest rank of these adapters in any layer
+    layers: dict[int, tuple[tuple[Any, ...], Any]]  # this set's stacks by layer (``_stacks``)
     masks: dict[tuple[Any, ...], torch.Tensor] = field(default_factory=dict)
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -155,7 +156,7 @@ class AdapterRows:
             return type(module).forward(module, x, *args, **kwargs)
         stacks: Any = False
         if not (module.merged or module.disable_adapters or module.training or not step.fits(x)):
-            stacks = self._stacked(module, step.adapters)
+            stacks = self._stacked(module, step)
         if stacks is False:  # a layer or call PEFT runs itself (and checks)
             if step.packed:
                 raise ValueError("this LoRA layer cannot take adapters per token")
@@ -171,33 +172,24 @@ class AdapterRows:
         h = torch.matmul(x.to(a.dtype), a.t()) * step.mask(a, x.dim())
         return result + torch.matmul(h, b).to(result.dtype)
 
-    def _stacked(
-        self, module: Any, adapters: tuple[str, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor] | bool | None:
-        """(A_cat, B_cat) of this layer for these adapters; ``None`` when none of them wraps it,
-        ``False`` when one of them needs PEFT's own forward. Rebuilt when a scaling changed
-        (``set_scale``), since it is folded into B."""
-        layers = self._stacks.get(adapters)
-        if layers is None:
-            while len(self._stacks) >= _MAX_SETS:
-                self._stacks.popitem(last=False)
-            layers = self._stacks[adapters] = {}
-        else:
-            self._stacks.move_to_end(adapters)
-        scalings = tuple(module.scaling.get(name) for name in adapters)
-        found = layers.get(id(module))
+    def _stacked(self, module: Any, step: _Step) -> tuple[torch.Tensor, torch.Tensor] | bool | None:
+        """(A_cat, B_cat) of this layer for the step's adapters; ``None`` when none of them
+        wraps it, ``False`` when one of them needs PEFT's own forward. Rebuilt when a scaling
+        changed (``set_scale``), since it is folded into B."""
+        scalings = tuple(module.scaling.get(name) for name in step.adapters)
+        found = step.layers.get(id(module))
         if found is None or found[0] != scalings:
-            found = layers[id(module)] = (scalings, self._stack(module, adapters))
+            found = step.layers[id(module)] = (scalings, self._stack(module, step))
         return found[1]
 
-    def _stack(self, module: Any, adapters: tuple[str, ...]) -> Any:
+    def _stack(self, module: Any, step: _Step) -> Any:
+        adapters, rank = step.adapters, step.rank
         here = [name for name in adapters if name in module.lora_A]
         if not here:
             return None
         if self._peft_only(module, here):
             return False
         first = module.lora_A[here[0]].weight
-        rank = max(self._ranks.get(name, 0) for name in adapters)
         a = first.new_zeros((len(adapters) * rank, module.in_features))
         b = first.new_zeros((len(adapters) * rank, module.out_features))
         with torch.no_grad():
@@ -269,7 +261,15 @@ class AdapterRows:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         slot = [adapters.index(n) if n != BASE else -1 for n in names]
         rank = max((self._ranks.get(name, 0) for name in adapters), default=0)
-        self._step = _Step(threading.get_ident(), list(names), adapters, slot, packed, rank)
+        # this set's stacks, the least recently used set dropped (touched once per forward)
+        layers = self._stacks.get(adapters)
+        if layers is None:
+            while len(self._stacks) >= _MAX_SETS:
+                self._stacks.popitem(last=False)
+            layers = self._stacks[adapters] = {}
+        else:
+            self._stacks.move_to_end(adapters)
+        self._step = _Step(threading.get_ident(), list(names), adapters, slot, packed, rank, layers)
         try:
             yield
         finally:

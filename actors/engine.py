@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 import torch
 
-from actors.adapter_rows import AdapterRows
+from actors.adapter_rows import BASE, AdapterRows
 from actors.generation import Completion, SamplingParams, stop_token_ids, trim_at_stop
 from actors.prefix_cache import KV, PrefixCache
 
@@ -633,7 +633,7 @@ class ContinuousBatchingEngine:
         if rows is None:
             out = self.model(use_cache=True, return_dict=True, **kwargs)
         else:
-            names = [s.adapter or "__base__" for s in seqs]
+            names = [s.adapter or BASE for s in seqs]
             with rows.packed(tokens) if tokens is not None else rows.rows(names):
                 out = self.model(use_cache=True, return_dict=True, **kwargs)
         if keep is None:
@@ -750,7 +750,7 @@ class ContinuousBatchingEngine:
                 logits, layers = self._run_packed(seqs, hits, joined)
             except Exception as err:
                 logits, layers = self._run_padded(seqs, hits, joined)  # raises if the rows do
-                adapters = sorted({s.adapter or "__base__" for s in seqs})
+                adapters = sorted({s.adapter or BASE for s in seqs})
                 if len(adapters) > 1 and self._adapter_rows is not None:
                     # a layer that cannot take these adapters per token: only they stop packing
                     self._adapter_rows.no_packing(adapters)
@@ -788,10 +788,10 @@ class ContinuousBatchingEngine:
             return False
         if len(seqs) < 2:
             return False
-        adapters = {s.adapter or "__base__" for s in seqs}
+        adapters = {s.adapter or BASE for s in seqs}
         if len(adapters) > 1:
             rows = self._adapter_rows_now()
-            if rows is None or not rows.packs(sorted(adapters)):
+            if rows is None or not rows.packs(adapters):
                 return False
         rests = [len(s.prompt_ids) - p for s, (p, _) in zip(seqs, hits, strict=True)]
         kept = [p for p, _ in hits]
@@ -905,7 +905,7 @@ class ContinuousBatchingEngine:
             past = [tuple(torch.cat([kv[layer][part] for kv in reused], dim=2) for part in (0, 1))
                     for layer in range(len(reused[0]))]  # fmt: skip
         cache = DynamicCache(ddp_cache_data=past) if past else DynamicCache()
-        names = [s.adapter or "__base__" for s in seqs]
+        names = [s.adapter or BASE for s in seqs]
         tokens = None if len(set(names)) == 1 else [n for n, k in zip(names, lengths, strict=True)
                                                       for _ in range(k)]  # fmt: skip
         logits, _ = self._forward(
