@@ -102,10 +102,27 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], seq2seq: bool) -> dic
     return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
+def _one_prompt_per_call(model: Any) -> bool:
+    """Whether the model's generation_config selects assisted decoding (prompt lookup, an
+    early-exit assistant), which ``generate`` runs for one prompt at a time only."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    generation = getattr(model, "generation_config", None)
+    if generation is None:
+        return False
+    try:
+        return generation.get_generation_mode() == GenerationMode.ASSISTED_GENERATION
+    except (ValueError, TypeError):  # generate itself will say what is wrong with it
+        return False
+
+
 def generate_batch(
     model: Any, tokenizer: Any, prompts: Sequence[str], params: SamplingParams, seq2seq: bool
 ) -> list[Completion]:
-    """Generate for several prompts in one ``generate`` call (they share ``params``)."""
+    """Generate for several prompts in one ``generate`` call (they share ``params``; one call
+    per prompt where the model's decoding strategy takes one prompt at a time)."""
+    if len(prompts) > 1 and _one_prompt_per_call(model):
+        return [generate_batch(model, tokenizer, [p], params, seq2seq)[0] for p in prompts]
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in encode_prompts(tokenizer, prompts, seq2seq).items()}
     if params.seed is not None:
