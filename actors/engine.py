@@ -33,6 +33,14 @@ Prefill (causal LMs): a prompt that starts like a recent one reuses that one's k
 run left-padded to the longest, or packed into one row under a block mask when that costs
 fewer FLOPs (``_pack``). Either way each prompt's rows join the running batch left-padded.
 
+Beam search (a model whose generation_config sets ``num_beams``, as published summarizers and
+translators do): a request holds one row per beam. Its prompt is prefilled once; after each
+step ``actors.beam_search`` scores the request's rows with generate's own beam helpers, and
+the rows are rebuilt from the rows their beams continue (``_regroup``: the first step turns
+the prefilled row into one row per beam). Other requests' rows are untouched, so searches
+join and leave the batch like any request; the text goes out in one piece when the search
+ends (no beam is final before).
+
 The engine behind the Serve generator is any object with the ``Engine`` interface (submit →
 events through a sink, cancel, stats, close): an external engine (vLLM through Ray Serve LLM on
 GPU clusters) can stand behind the same deployment. No Ray here.
@@ -41,6 +49,7 @@ GPU clusters) can stand behind the same deployment. No Ray here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import itertools
 import logging
@@ -56,6 +65,7 @@ from typing import Any, Protocol
 import torch
 
 from actors.adapter_rows import BASE, AdapterRows
+from actors.beam_search import BeamSearch
 from actors.generation import Completion, SamplingParams, stop_token_ids, trim_at_stop
 from actors.prefix_cache import KV, PrefixCache
 
@@ -132,10 +142,27 @@ class _Seq:
     processors: Any = None
     seen: torch.Tensor | None = None
     seen_len: int = 0
+    # A beam search's request runs ``width`` rows (one per beam, each a ``_Seq`` sharing the
+    # search); its first row is the request's own, whose sink gets the events.
+    width: int = 1
+    beams: BeamSearch | None = None
+    rows: list[_Seq] | None = None  # the first row's: every row of its search, beam order
 
     @property
     def budget(self) -> int:
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def head(self) -> bool:
+        """Whether this row is its request's own (not a further beam's)."""
+        return self.rows is None or self.rows[0] is self
+
+    @property
+    def over(self) -> bool:
+        """Whether this row's request is finished or cancelled (a cancel marks the rows it
+        finds, and a beam's row made since is over with its request's own)."""
+        own = self if self.rows is None else self.rows[0]
+        return self.cancelled or self.done or own.cancelled or own.done
 
 
 def _cjk(ch: str) -> bool:
@@ -181,12 +208,13 @@ ABSOLUTE_DECODERS = frozenset({
 # How ``generate`` shapes each step's scores from the model's generation_config (repetition
 # penalties, n-gram bans, minimum lengths, banned and suppressed tokens, sequence biases, forced
 # first and last tokens, min-p / typical / epsilon / eta sampling, watermarks) comes from its
-# own builder, ``_get_logits_processor``, per request (``_request_processors``). What the
-# engine cannot run is a decoding strategy other than one token per row per step: beam search,
-# contrastive search, DoLa, assisted decoding (as transformers' ``get_generation_mode`` reads
-# the config), and classifier-free guidance (a second, unconditional forward per step). A
-# model whose config selects one is served by static ``generate``, so that its output is the
-# output its authors configured.
+# own builder, ``_get_logits_processor``, per request (``_request_processors``). Beam search
+# (and beam sampling) runs as generate runs it, each request's beams as rows of the batch
+# (``actors.beam_search``). What the engine cannot run is another decoding strategy:
+# contrastive search, DoLa, group or constrained beam search, assisted decoding (as
+# transformers' ``get_generation_mode`` reads the config), and classifier-free guidance (a
+# second, unconditional forward per step). A model whose config selects one is served by
+# static ``generate``, so that its output is the output its authors configured.
 
 
 def _strategy_unsupported(generation: Any) -> str | None:
@@ -201,7 +229,7 @@ def _strategy_unsupported(generation: Any) -> str | None:
         mode = probe.get_generation_mode()
     except (ValueError, TypeError) as err:
         return f"its generation_config cannot be read here ({err})"
-    if mode != GenerationMode.GREEDY_SEARCH:
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.BEAM_SEARCH):
         named = {
             key: getattr(generation, key, None)
             for key in ("num_beams", "num_beam_groups", "penalty_alpha", "dola_layers",
@@ -211,7 +239,7 @@ def _strategy_unsupported(generation: Any) -> str | None:
         return (
             f"its generation_config selects {str(mode.value).replace('_', ' ')} "
             f"({', '.join(given) or 'see its generation_config'}), which the continuous-batching "
-            "engine does not run (it decodes one token per row per step, greedily or sampled)"
+            "engine does not run (it runs greedy decoding, sampling and beam search)"
         )
     if getattr(generation, "guidance_scale", None) not in (None, 1, 1.0):
         return (
@@ -375,13 +403,17 @@ class ContinuousBatchingEngine:
         # config's sampling goes beyond them (min-p, typical, ...): then generate's, per row.
         self._stop_ids = stop_token_ids(tokenizer, model)
         self._eos = set(self._stop_ids)
-        try:
-            self._any_processors, self._own_warpers = self._probe_processors()
-        except Exception as err:  # a transformers whose private builder changed shape
+        # A config that selects beam search gives every request that many rows (generate's
+        # num_beams); 1 is greedy decoding or sampling.
+        self._width = int(
+            getattr(getattr(model, "generation_config", None), "num_beams", None) or 1
+        )
+        if self._width > self.limits.max_running:
             raise ValueError(
-                f"continuous batching: generate's logits processors could not be built for "
-                f"this model ({type(err).__name__}: {err})"
-            ) from err
+                f"continuous batching: the model searches {self._width} beams (its "
+                f"generation_config's num_beams), more rows than scheduler.max_running="
+                f"{self.limits.max_running}"
+            )
         kind = getattr(config, "model_type", None)
         module = _position_module(model) if self._seq2seq and kind in ABSOLUTE_DECODERS else None
         self._row_positions = _RowPositions(module) if module is not None else None
@@ -413,6 +445,13 @@ class ContinuousBatchingEngine:
         grows = module is not None and hasattr(module, "make_weights")
         self._max_positions = None if self._seq2seq and (module is None or grows) else decoder_table
         self._max_prompt = encoder_table if module is not None and not grows else None
+        try:
+            self._any_processors, self._own_warpers = self._probe_processors()
+        except Exception as err:  # a transformers whose private builder changed shape
+            raise ValueError(
+                f"continuous batching: generate's logits processors could not be built for "
+                f"this model ({type(err).__name__}: {err})"
+            ) from err
         accepted = inspect.signature(self._base().forward).parameters
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
@@ -439,10 +478,17 @@ class ContinuousBatchingEngine:
                 "shorten it"
             )
         need = len(ids) + params.max_new_tokens
-        if need > self.limits.max_cached_tokens:
+        width = self._width
+        if need * width > self.limits.max_cached_tokens:
+            beams = f" for each of the model's {width} beams" if width > 1 else ""
             raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}) exceed the "
-                f"scheduler's max_cached_tokens={self.limits.max_cached_tokens}"
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}){beams} exceed "
+                f"the scheduler's max_cached_tokens={self.limits.max_cached_tokens}"
+            )
+        if width > self.limits.max_running:
+            raise ValueError(
+                f"the model searches {width} beams (its generation_config's num_beams), more "
+                f"rows than the scheduler's max_running={self.limits.max_running}; raise it"
             )
         rng = None
         if not params.greedy:
@@ -460,7 +506,7 @@ class ContinuousBatchingEngine:
                     f"{len(self._waiting)} requests are already waiting "
                     f"(scheduler.max_queued={self.limits.max_queued}); retry later"
                 )
-            seq = _Seq(next(self._ids), list(ids), params, adapter, sink, rng)
+            seq = _Seq(next(self._ids), list(ids), params, adapter, sink, rng, width=width)
             self._waiting.append(seq)
             self.counters["submitted"] += 1
             if self._thread is None:
@@ -480,7 +526,8 @@ class ContinuousBatchingEngine:
             self._cond.notify()
 
     def stats(self) -> dict[str, Any]:
-        """Queue and batch figures (``running`` and ``waiting`` are live counts;
+        """Queue and batch figures (``running`` (rows: a beam search runs one per beam),
+        ``running_requests`` and ``waiting`` are live counts;
         ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
         columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far;
         ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
@@ -488,10 +535,12 @@ class ContinuousBatchingEngine:
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
+            requests = sum(s.head for s in self._running)
         # read once: the engine thread may reset them between two reads
         mask, enc_mask = self._mask, self._enc_mask
         return {
             "running": running,
+            "running_requests": requests,
             "waiting": waiting,
             "reserved_tokens": reserved,
             "cache_width": 0 if mask is None else int(mask.shape[1]),
@@ -536,7 +585,7 @@ class ContinuousBatchingEngine:
                         self._cond.wait()
                     self.seconds["idle"] += time.perf_counter() - idle_since
                 if self._closed:
-                    gone = [*self._waiting, *self._running]
+                    gone = [*self._waiting, *(s for s in self._running if s.head)]
                     self._waiting.clear()
                     self._running.clear()
                     err = RuntimeError("the generation engine is shut down")
@@ -566,7 +615,7 @@ class ContinuousBatchingEngine:
                 with self._cond:
                     gone, self._running = self._running, []
                 self._reset_cache()
-                events += [(s.sink, "error", err) for s in gone]
+                events += [(s.sink, "error", err) for s in gone if s.head and not s.done]
             self._deliver(events)
 
     def _admit(self) -> list[_Seq]:
@@ -574,22 +623,23 @@ class ContinuousBatchingEngine:
         (caller holds ``_cond``). Budgets are reserved whole, so nothing is ever preempted."""
         admit: list[_Seq] = []
         reserved = sum(s.budget for s in self._running)
-        prefill = 0
+        rows, prefill = len(self._running), 0
         while self._waiting:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
                 self.counters["cancelled"] += 1
                 continue
-            if len(self._running) + len(admit) >= self.limits.max_running:
+            if rows + seq.width > self.limits.max_running:
                 break
-            if reserved + seq.budget > self.limits.max_cached_tokens:
+            if reserved + seq.budget * seq.width > self.limits.max_cached_tokens:
                 break
             if admit and prefill + len(seq.prompt_ids) > self.limits.max_prefill_tokens:
                 break
             self._waiting.popleft()
             admit.append(seq)
-            reserved += seq.budget
+            rows += seq.width
+            reserved += seq.budget * seq.width
             prefill += len(seq.prompt_ids)
         return admit
 
@@ -993,16 +1043,50 @@ class ContinuousBatchingEngine:
         """Remove finished and cancelled rows from the batch and trim the padding no row
         needs any more (leading decoder columns, trailing encoder columns)."""
         with self._cond:
-            keep = [i for i, s in enumerate(self._running) if not (s.cancelled or s.done)]
-            self.counters["cancelled"] += sum(s.cancelled and not s.done for s in self._running)
+            keep = [i for i, s in enumerate(self._running) if not s.over]
+            self.counters["cancelled"] += sum(
+                s.cancelled and not s.done and s.head for s in self._running
+            )
             if len(keep) == len(self._running):
                 return
             self._running = [self._running[i] for i in keep]
         if not keep:
             self._reset_cache()
             return
+        self._reindex(keep)
+
+    def _regroup(self, moved: dict[int, list[int]]) -> None:
+        """After a beam search step: give each search's rows the cache of the rows its beams
+        continue (``moved``: a search's first row's id → each new beam's row among the search's
+        current rows, which lie side by side in the batch). A search's first step turns its one
+        prefilled row into one row per beam."""
+        source: list[int] = []
+        running: list[_Seq] = []
+        i = 0
+        while i < len(self._running):
+            seq = self._running[i]
+            parents = moved.get(id(seq)) if seq.rows is not None and seq.head else None
+            if parents is None:
+                source.append(i)
+                running.append(seq)
+                i += 1
+                continue
+            assert seq.rows is not None
+            now = sum(1 for s in self._running[i : i + len(seq.rows)] if s.rows is seq.rows)
+            source += [i + (p if now > 1 else 0) for p in parents]
+            running += seq.rows
+            i += now
+        if source == list(range(len(self._running))):
+            return
+        with self._cond:
+            self._running = running
+        self._reindex(source)
+
+    def _reindex(self, rows: list[int]) -> None:
+        """The running cache's rows ``rows`` (in that order; a row may repeat), with the padding
+        no row needs any more trimmed (leading decoder columns, trailing encoder columns)."""
         assert self._mask is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self._mask.device)
         self._mask = self._mask.index_select(0, index)
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
@@ -1025,36 +1109,57 @@ class ContinuousBatchingEngine:
         self._enc_out, self._enc_mask = None, None
 
     # ----- tokens → text ------------------------------------------------------------------------
-    def _request_processors(
-        self, prompt_ids: Sequence[int], params: SamplingParams, sampled: bool
-    ) -> Any:
-        """The logits processors ``generate`` builds for this request alone (with its warpers
-        when ``sampled``): a copy of the model's generation_config with the request's budget,
-        the served EOS ids and sampling settings, through generate's own preparation.
+    def _request_config(
+        self, prompt_ids: Sequence[int], params: SamplingParams, sampled: bool | None = None,
+        beams: int = 1,
+    ) -> Any:  # fmt: skip
+        """The generation config ``generate`` runs this request with: a copy of the model's
+        generation_config with the request's budget, stop strings, the served EOS ids and
+        sampling settings (``sampled`` None: as the request asks), through generate's own
+        preparation of its special tokens."""
+        base = self._base()
+        config = copy.deepcopy(base.generation_config)
+        sampled = not params.greedy if sampled is None else sampled
+        start = 1 if self._seq2seq else len(prompt_ids)  # generate's input_ids: the decoder's
+        length = start + params.max_new_tokens
+        if self._max_positions:  # a sequence ends at the model's last position, as _advance's
+            length = min(length, self._max_positions + 1)
+        pad = self.tokenizer.pad_token_id
+        config.update(
+            do_sample=sampled, num_beams=beams, max_new_tokens=params.max_new_tokens,
+            max_length=length, eos_token_id=self._stop_ids or None,
+            pad_token_id=pad if pad is not None else (self._stop_ids or [None])[0],
+            temperature=params.temperature if sampled else None,
+            top_k=params.top_k if sampled else None, top_p=params.top_p if sampled else None,
+            stop_strings=list(params.stop) or None,
+        )  # fmt: skip
+        # what generate fills in for settings the config leaves unset (length_penalty, ...)
+        config.update(**config._get_default_generation_params(), defaults_only=True)
+        base._prepare_special_tokens(config, True, device=self._device())
+        return config
+
+    def _processors(self, config: Any, prompt_ids: Sequence[int]) -> Any:
+        """The logits processors ``generate`` builds from ``config`` for this request alone.
 
         Why a private transformers method: ``_get_logits_processor`` is generate's only
         builder of that list, with its conditions and order; a copy of it here would drift.
         Each processor reads only the tokens of its row, so applying a request's list to its
         row is what ``generate`` does for that sequence alone."""
-        base = self._base()
-        config = copy.deepcopy(base.generation_config)
-        start = 1 if self._seq2seq else len(prompt_ids)  # generate's input_ids: the decoder's
-        pad = self.tokenizer.pad_token_id
-        config.update(
-            do_sample=sampled, num_beams=1, max_new_tokens=params.max_new_tokens,
-            max_length=start + params.max_new_tokens, eos_token_id=self._stop_ids or None,
-            pad_token_id=pad if pad is not None else (self._stop_ids or [None])[0],
-            temperature=params.temperature if sampled else None,
-            top_k=params.top_k if sampled else None, top_p=params.top_p if sampled else None,
-        )  # fmt: skip
         device = self._device()
-        base._prepare_special_tokens(config, True, device=device)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
         given = {} if self._seq2seq else {"attention_mask": torch.ones_like(ids)}
-        return base._get_logits_processor(
+        start = 1 if self._seq2seq else len(prompt_ids)
+        return self._base()._get_logits_processor(
             config, input_ids_seq_length=start, encoder_input_ids=ids, device=device,
             model_kwargs=given,
         )  # fmt: skip
+
+    def _request_processors(
+        self, prompt_ids: Sequence[int], params: SamplingParams, sampled: bool
+    ) -> Any:
+        """The logits processors ``generate`` builds for this request alone, decoding one token
+        per row (with its warpers when ``sampled``)."""
+        return self._processors(self._request_config(prompt_ids, params, sampled), prompt_ids)
 
     def _probe_processors(self) -> tuple[bool, bool]:
         """(whether generate's greedy list holds any processor, whether its sampled list is
@@ -1131,6 +1236,68 @@ class ContinuousBatchingEngine:
         return chosen
 
     def _advance(
+        self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]
+    ) -> None:
+        """Take each row's next token from its logits (a beam search's rows: its next beams)."""
+        if self._width == 1:
+            self._advance_rows(seqs, logits, events)
+            return
+        searches: dict[int, tuple[_Seq, list[int]]] = {}
+        for row, seq in enumerate(seqs):
+            lead = seq if seq.rows is None else seq.rows[0]
+            searches.setdefault(id(lead), (lead, []))[1].append(row)
+        moved: dict[int, list[int]] = {}
+        for lead, rows in searches.values():
+            if lead.over:
+                continue
+            index = torch.tensor(rows, device=logits.device)
+            parents = self._beam_step(lead, logits.index_select(0, index), events)
+            if parents is not None:
+                moved[id(lead)] = parents
+        if moved:
+            self._regroup(moved)
+
+    def _beam_step(
+        self, lead: _Seq, logits: torch.Tensor, events: list[tuple[Sink, str, Any]]
+    ) -> list[int] | None:
+        """One step of a request's beam search (``actors.beam_search``) over its rows' logits
+        → which current row each next beam continues, or None when the search ended (the
+        request is finished: its best sequence's text goes out in one piece)."""
+        if lead.beams is None:  # its first step, right after its prefill
+            from transformers import StoppingCriteriaList
+
+            config = self._request_config(lead.prompt_ids, lead.params, beams=lead.width)
+            base, head = self._base(), [self._start] if self._seq2seq else lead.prompt_ids
+            processors = self._processors(config, lead.prompt_ids)
+            stopping = base._get_stopping_criteria(config, StoppingCriteriaList(),
+                                                   tokenizer=self.tokenizer)  # fmt: skip
+            lead.beams = BeamSearch(base, config, processors, stopping, head, lead.rng,
+                                    self._device())  # fmt: skip
+            lead.rows = [lead]
+        search = lead.beams
+        assert search is not None and lead.rows is not None
+        parents = search.step(logits)
+        lead.generated += 1
+        if search.done:
+            tokens = search.tokens
+            ended = next((i for i, t in enumerate(tokens) if t in self._eos), None)
+            pad = self.tokenizer.pad_token_id
+            # as generate_batch reads generate's rows: up to the first EOS, without padding
+            lead.ids = [t for t in tokens[:ended] if t != pad]
+            lead.generated = len(lead.ids) + (ended is not None)
+            text, stopped = trim_at_stop(self._text(lead), lead.params.stop)
+            for row in lead.rows[1:]:
+                row.done = True
+            self._finish(lead, "stop" if ended is not None or stopped else "length", text, events)
+            return None
+        while len(lead.rows) < search.size:  # the prefilled row becomes one row per beam
+            lead.rows.append(dataclasses.replace(lead, ids=[], processors=None, seen=None))
+        for row, token in zip(lead.rows, search.last_tokens, strict=True):
+            row.last = token
+            row.position += 1
+        return parents
+
+    def _advance_rows(
         self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]
     ) -> None:
         for seq, token in zip(seqs, self._choose(seqs, logits), strict=True):

@@ -85,7 +85,7 @@ class ServedModel(BaseModel):
         default=32,
         ge=1,
         le=1024,
-        description="static batches (heads; generators the engine refuses, e.g. beam search)",
+        description="static batches (heads; generators the engine refuses, e.g. assisted decoding)",
     )
     batch_wait_timeout_s: float = Field(default=0.01, ge=0, le=5)
     scheduler: SchedulerArgs = Field(

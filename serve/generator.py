@@ -4,13 +4,14 @@ with LoRA adapters multiplexed per request and token streaming.
 A causal LM or an encoder-decoder of the T5 or BART families (BART, mBART, Marian, Pegasus,
 M2M100/NLLB, PLBart, MVP, Blenderbot, BlenderbotSmall, LED, BigBird-Pegasus) is driven by one
 continuous-batching engine per replica (``actors.engine.ContinuousBatchingEngine``): every
-request — streamed or not, any sampling settings, any adapter — joins the running batch between
-decode steps and leaves when it is done. Its queue is bounded (``scheduler`` in the served
-model's config): a request past it is refused with ``EngineOverloaded``, which the ingress
-answers with 503 + Retry-After. Another encoder-decoder family (see
-``actors.engine.engine_unsupported``), or a model whose ``generation_config`` selects a
-decoding strategy the engine does not run (beam search, contrastive search, ...), keeps static
-batches (``@serve.batch``, equal settings per ``generate`` call) and runs each stream alone.
+request — streamed or not, any sampling settings, any adapter, greedy, sampled or the beam
+search the model's ``generation_config`` asks for — joins the running batch between decode
+steps and leaves when it is done. Its queue is bounded (``scheduler`` in the served model's
+config): a request past it is refused with ``EngineOverloaded``, which the ingress answers with
+503 + Retry-After. Another encoder-decoder family (see ``actors.engine.engine_unsupported``),
+or a model whose ``generation_config`` selects a decoding strategy the engine does not run
+(assisted decoding, classifier-free guidance, ...), keeps static batches (``@serve.batch``,
+equal settings per ``generate`` call) and runs each stream alone.
 
 Adapters are loaded on first use through ``@serve.multiplexed`` (Serve routes requests for an
 adapter to replicas that already hold it and evicts the least recently used one past

@@ -520,13 +520,15 @@ def test_generation_config_settings_shape_scores_as_generate_shapes_them(kind):
     finally:
         engine.close()
 
-    for key, value, named in (("num_beams", 4, "beam search (num_beams=4)"),
-                              ("guidance_scale", 1.5, "guidance_scale=1.5")):  # fmt: skip
+    for key, value, named in (
+        ("prompt_lookup_num_tokens", 3, "assisted generation (prompt_lookup_num_tokens=3)"),
+        ("guidance_scale", 1.5, "guidance_scale=1.5"),
+    ):
         setattr(model.generation_config, key, value)
         assert named in (engine_unsupported(model) or "")
         with pytest.raises(ValueError, match=re.escape(named)):
             ContinuousBatchingEngine(model, tok)
-        setattr(model.generation_config, key, None if key == "guidance_scale" else 1)
+        setattr(model.generation_config, key, None)
 
 
 @pytest.mark.parametrize("kind", ["llama", "bart"])
@@ -647,7 +649,6 @@ def test_unknown_absolute_position_encoder_decoders_are_refused():
         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
     )  # fmt: skip
     model = transformers.FSMTForConditionalGeneration(config).eval()
-    model.generation_config.num_beams = 1  # FSMT's defaults (beam search) are refused anyway
     model.generation_config.forced_eos_token_id = None
     reason = engine_unsupported(model)
     assert reason is not None and "'fsmt'" in reason and "bart" in reason and "t5" in reason

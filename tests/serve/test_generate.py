@@ -1,7 +1,8 @@
 """The generator through Ray Serve on loopback: OpenAI-compatible routes (with the official
 `openai` package), streaming, multi-LoRA with LRU eviction, greedy equality with in-process
-`generate` (a causal LM and a BART encoder-decoder under continuous batching, a beam-search T5
-on static batches), stop sequences, limits, and generative task routes."""
+`generate` (a causal LM and a BART encoder-decoder under continuous batching, a T5 configured
+for beam search on the engine's beam rows, a prompt-lookup llama on static batches), stop
+sequences, limits, and generative task routes."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def generator_app(ray_session, tmp_path_factory):
     base = tiny_lm_dir(tmp / "base")
     adapters = {f"style-{c}": str(lora_adapter(base, tmp / f"lora-{c}", seed)) for c, seed in
                 (("a", 1), ("b", 2), ("c", 3))}  # fmt: skip
+    from transformers import GenerationConfig
+
+    lookup = tiny_lm_dir(tmp / "lookup")  # the same weights, configured for prompt lookup
+    generation = GenerationConfig.from_pretrained(lookup)
+    generation.prompt_lookup_num_tokens = 3
+    generation.save_pretrained(lookup)
     key_file = tmp / "api-key"
     key_file.write_text(API_KEY)
     args = {
@@ -56,9 +63,16 @@ def generator_app(ray_session, tmp_path_factory):
                 "scheduler": {"max_running": 1, "max_queued": 1},
             },
             {  # a T5 configured for beam search, as many published summarizers and
-                # translators are: the engine does not run beams, static generate does
+                # translators are: the engine runs each request's beams as rows
                 "name": "tiny-t5",
                 "bundle": str(tiny_seq2seq_dir(tmp / "t5", beams=3)),
+                "num_cpus": 0.2,
+                "generation": {"max_new_tokens": MAX_NEW},
+            },
+            {  # assisted decoding (prompt lookup), which the engine does not run: static
+                # generate does
+                "name": "tiny-lookup",
+                "bundle": str(lookup),
                 "num_cpus": 0.2,
                 "batch_wait_timeout_s": 0.5,
                 "generation": {"max_new_tokens": MAX_NEW},
@@ -326,40 +340,70 @@ def test_encoder_decoder_requests_share_the_running_batch_and_equal_generate(gen
     assert any(texts)
 
 
-def test_a_beam_search_model_is_served_by_static_generate_as_configured(generator_app):
-    """A model whose generation_config asks for beam search keeps static ``generate``:
-    non-streamed requests with equal settings sent together share one ``generate`` call
-    (``@serve.batch``), a stream carries the search's text in one piece when it ends, and
-    every text equals in-process ``generate`` with the model's own configuration."""
-    from ray import serve
+def _one_piece_stream(url: str, payload: dict) -> list[dict]:
+    """A stream's choices, checked to end with [DONE]."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {**payload, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
+                      headers=headers) as response:  # fmt: skip
+        assert response.status_code == 200, response.read()
+        events = [e[6:] for e in response.iter_lines() if e.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e)["choices"][0] for e in events[:-1]]
 
+
+def test_a_beam_search_model_runs_its_beams_on_the_engine(generator_app):
+    """A model whose generation_config asks for beam search runs on the continuous-batching
+    engine, each request's beams as rows of the running batch: requests sent together share
+    decode steps, a stream carries the search's text in one piece when it ends (no beam is
+    final before), and every text equals in-process ``generate`` with the model's own
+    configuration."""
     url, base = generator_app
-    handle = serve.get_deployment_handle("generator-tiny-t5", app_name="taskray")
-    before = handle.stats.remote().result(timeout_s=30)
-    assert "engine" not in before  # static batches, not continuous batching
     prompts = [PROMPT, "Translate to French: the train is late.", "Summarize: rain all week."]
     payloads = [{"model": "tiny-t5", "prompt": p, "max_tokens": 16, "stream": False}
                 for p in prompts]  # fmt: skip
+    before = _engine("tiny-t5")["decode_batch_sizes"]
     with ThreadPoolExecutor(len(payloads)) as pool:
         texts = list(pool.map(lambda b: _post(url, "/v1/completions", b), payloads))
-    after = handle.stats.remote().result(timeout_s=30)["batch_sizes"]
-    grown = [int(k) for k, v in after.items() if v > before["batch_sizes"].get(k, 0)]
-    assert max(grown) > 1, (before, after)  # they shared a generate call
+    after = _engine("tiny-t5")["decode_batch_sizes"]
+    grown = [int(k) for k, v in after.items() if v > before.get(k, 0)]
+    assert max(grown) > 3, (before, after)  # more rows than one search's three beams
     wants = [_reference(base.parent / "t5", p, new=16) for p in prompts]
     assert len(set(wants)) == len(wants)  # each prompt has its own text
     for response, want in zip(texts, wants, strict=True):
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == want
 
-    body = {**payloads[1], "stream": True}
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60,
-                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:  # fmt: skip
-        assert response.status_code == 200, response.read()
-        events = [e[6:] for e in response.iter_lines() if e.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    pieces = [json.loads(e)["choices"][0] for e in events[:-1]]
+    pieces = _one_piece_stream(url, payloads[1])
     assert [p["text"] for p in pieces if p["text"]] == [wants[1]]  # one piece, at the end
     assert pieces[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_a_strategy_the_engine_does_not_run_is_served_by_static_generate(generator_app):
+    """A model whose generation_config selects assisted decoding (prompt lookup) keeps static
+    ``generate``: non-streamed requests sent together share one batch (``@serve.batch``; generate
+    takes them one prompt at a time), a stream streams, and every text equals in-process
+    ``generate`` with the model's own configuration."""
+    from ray import serve
+
+    url, base = generator_app
+    handle = serve.get_deployment_handle("generator-tiny-lookup", app_name="taskray")
+    before = handle.stats.remote().result(timeout_s=30)
+    assert "engine" not in before  # static batches, not continuous batching
+    prompts = [PROMPT, "a b c a b c a b", "Summarize: rain all week."]
+    payloads = [{"model": "tiny-lookup", "prompt": p, "stream": False} for p in prompts]
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        texts = list(pool.map(lambda b: _post(url, "/v1/completions", b), payloads))
+    after = handle.stats.remote().result(timeout_s=30)["batch_sizes"]
+    grown = [int(k) for k, v in after.items() if v > before["batch_sizes"].get(k, 0)]
+    assert max(grown) > 1, (before, after)  # they shared a batch
+    wants = [_reference(base.parent / "lookup", p) for p in prompts]
+    assert wants == [_reference(base, p) for p in prompts]  # prompt lookup is exact greedy
+    for response, want in zip(texts, wants, strict=True):
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["text"] == want
+    pieces = _one_piece_stream(url, payloads[1])
+    assert "".join(p["text"] for p in pieces) == wants[1]
 
 
 def test_generative_task_route(generator_app):
