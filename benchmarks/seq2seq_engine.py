@@ -1,25 +1,28 @@
 """Continuous batching for an encoder-decoder, in process: taskray's engine
 (``actors.engine.ContinuousBatchingEngine``) against ``model.generate`` on a T5-shaped or a
-BART-shaped model with random weights, one CPU thread, greedy decoding.
+BART-shaped model with random weights, one CPU thread, greedy decoding or (``--beams``) the
+beam search a model's generation_config asks for, as published summarizers and translators do.
 
     python benchmarks/seq2seq_engine.py                  # T5, ~2 minutes on 2 cores
     python benchmarks/seq2seq_engine.py --family bart    # BART (absolute decoder positions)
-    python benchmarks/seq2seq_engine.py --smoke [--family bart]   # seconds; what CI runs
+    python benchmarks/seq2seq_engine.py --beams 4        # beam search, each request 4 rows
+    python benchmarks/seq2seq_engine.py --smoke [--family bart] [--beams 3]  # what CI runs
 
-For each width w in 1, 4, 8, 16 it measures:
-- ``static``: ``generate`` over w prompts at once (right-padded encoder inputs), tokens/s: what
-  static batching reaches when w requests happen to arrive together;
+For each width w in 1, 4, 8, 16 it measures, over the same 2w prompts:
+- ``static``: ``generate`` over w prompts at once (right-padded encoder inputs), twice,
+  tokens/s: what static batching reaches when w requests happen to arrive together;
 - ``engine``: w closed-loop clients on the engine (each submits its next prompt when its
-  previous one is done; 2w requests in all), tokens/s: requests joining and leaving a running
-  batch, as the Serve generator runs them;
+  previous one is done), tokens/s: requests joining and leaving a running batch, as the Serve
+  generator runs them;
 - ``alone``: one ``generate`` per request, one after another: what a server without
   continuous batching gives concurrent streams (each stream runs its own ``generate`` under
   the replica's model lock), which is how taskray served seq2seq streams before.
 
-Every engine completion is checked against ``generate`` alone for its prompt (greedy: the text
-must be the same); any mismatch makes the script exit 1. Prints a table and writes
-benchmarks/results/seq2seq_engine[-bart][-smoke].json. Ratios are between figures of one
-invocation.
+Every engine completion is checked against ``generate`` alone for its prompt (greedy or beam
+search: the text must be the same); any mismatch makes the script exit 1. Prints a table and
+writes benchmarks/results/seq2seq_engine[-bart][-beamsN][-smoke].json. Ratios are between
+figures of one invocation. With beams, the engine may run every request's beams at once
+(``max_running`` = width x beams, as ``generate`` holds them).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from actors.engine import ContinuousBatchingEngine
+from actors.engine import ContinuousBatchingEngine, EngineLimits
 from benchmarks.serve_bench.baselines import engine_closed_loop
 from benchmarks.serve_bench.workload import PROMPTS
 
@@ -78,8 +81,9 @@ def build(size: str, family: str = "t5") -> tuple[Any, Any]:
 class Bench:
     """The three ways of generating over one model (see the module docstring)."""
 
-    def __init__(self, model: Any, tok: Any, max_tokens: int) -> None:
-        self.model, self.tok, self.max_tokens = model, tok, max_tokens
+    def __init__(self, model: Any, tok: Any, max_tokens: int, beams: int = 1) -> None:
+        self.model, self.tok, self.max_tokens, self.beams = model, tok, max_tokens, beams
+        model.generation_config.num_beams = beams
         self.eos = tok.eos_token_id
         self.reference = {p: self._texts([p])[0] for p in PROMPTS}
         self.mismatches = 0
@@ -102,10 +106,15 @@ class Bench:
         ids = [r[1:] for r in out.tolist()]  # without the decoder start token
         return [r[: r.index(self.eos) + 1] if self.eos in r else r for r in ids], seconds
 
-    def static(self, width: int) -> tuple[int, float]:
-        """One ``generate`` over ``width`` prompts → tokens, seconds."""
-        ids, seconds = self._generate([PROMPTS[i % len(PROMPTS)] for i in range(width)])
-        return sum(map(len, ids)), seconds
+    def static(self, width: int, n: int) -> tuple[int, float]:
+        """The first ``n`` prompts (cycled), one ``generate`` per ``width`` of them → tokens,
+        seconds."""
+        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+        tokens = seconds = 0.0
+        for start in range(0, n, width):
+            ids, s = self._generate(prompts[start : start + width])
+            tokens, seconds = tokens + sum(map(len, ids)), seconds + s
+        return int(tokens), seconds
 
     def alone(self, n: int) -> tuple[int, float]:
         """``n`` prompts, one ``generate`` after another → tokens, seconds."""
@@ -122,7 +131,8 @@ class Bench:
             self.mismatches += text != self.reference[job[0]]
 
         jobs = [(p, None, self.max_tokens) for p in PROMPTS]
-        engine = ContinuousBatchingEngine(self.model, self.tok)
+        limits = EngineLimits(max_running=max(32, width * self.beams))
+        engine = ContinuousBatchingEngine(self.model, self.tok, limits)
         try:
             tokens, seconds = engine_closed_loop(engine, jobs, width, n, check)
             sizes = engine.stats()["decode_batch_sizes"]
@@ -144,6 +154,7 @@ def main() -> None:
         help="T5-shaped (relative positions) or BART-shaped (absolute)",
     )
     parser.add_argument("--max-tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--beams", type=int, default=1, help="beam search with this many beams")
     parser.add_argument("--passes", type=int, default=3, help="measurements pooled per width")
     args = parser.parse_args()
     size = args.size or ("toy" if args.smoke else "small")
@@ -152,20 +163,22 @@ def main() -> None:
     torch.set_num_threads(1)  # as a generator replica with num_cpus < 2 runs
     model, tok = build(size, args.family)
     params = sum(p.numel() for p in model.parameters())
+    how = "greedy" if args.beams == 1 else f"{args.beams}-beam search"
     print(f"seq2seq engine: {size} {args.family.upper()} ({params / 1e6:.1f}M parameters), "
-          f"{args.max_tokens} greedy tokens per request, 1 thread", flush=True)  # fmt: skip
-    bench = Bench(model, tok, args.max_tokens)
+          f"{args.max_tokens} {how} tokens per request, 1 thread", flush=True)  # fmt: skip
+    bench = Bench(model, tok, args.max_tokens, args.beams)
     distinct = len(set(bench.reference.values()))
     if distinct < len(PROMPTS) // 2:  # equality with generate would then prove little
         sys.exit(f"only {distinct} distinct reference texts over {len(PROMPTS)} prompts")
-    bench.static(2)  # warm-up
+    bench.static(2, 2)  # warm-up (and of the engine: its first request pays one-time costs)
+    bench.engine(1, 1)
     rows: dict[str, Any] = {}
     print(f"{'width':>5} {'static tok/s':>13} {'engine tok/s':>13} {'alone tok/s':>12} "
           f"{'engine/static':>14} {'engine/alone':>13} {'mean batch':>11}")  # fmt: skip
     for w in widths:
-        static = [bench.static(w) for _ in range(passes)]
+        static = [bench.static(w, 2 * w) for _ in range(passes)]
         engine = [bench.engine(w, 2 * w) for _ in range(passes)]
-        alone = [bench.alone(w) for _ in range(passes)]
+        alone = [bench.alone(2 * w) for _ in range(passes)]
         rate = {
             "static": sum(n for n, _ in static) / sum(s for _, s in static),
             "engine": sum(n for n, _, _ in engine) / sum(s for _, s, _ in engine),
@@ -191,6 +204,7 @@ def main() -> None:
         "size": size,
         "parameters": params,
         "max_tokens": args.max_tokens,
+        "beams": args.beams,
         "passes": passes,
         "torch_threads": 1,
         "widths": rows,
@@ -200,7 +214,8 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     family = "" if args.family == "t5" else f"-{args.family}"
-    path = RESULTS / f"seq2seq_engine{family}{'-smoke' if args.smoke else ''}.json"
+    beams = f"-beams{args.beams}" if args.beams > 1 else ""
+    path = RESULTS / f"seq2seq_engine{family}{beams}{'-smoke' if args.smoke else ''}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"wrote {path}")
     if bench.mismatches:
