@@ -14,39 +14,23 @@ batch, with no step to call), and the row bookkeeping the engine needs: which ru
 each surviving beam continues from (``step``'s return), so the engine can reorder that
 request's rows of the shared cache.
 
-One difference in how the work is done, not in its result: ``generate`` prefills the prompt
+Two differences in how the work is done, not in its result: ``generate`` prefills the prompt
 once per beam (identical rows, all but the first scored -1e9 so the first step draws from one
 beam); the engine prefills it once and reads the first step's logits for every beam from that
-row, which is the same computation.
+row, which is the same computation. And a sampled search (``do_sample`` with beams) draws its
+candidates from the request's own generator, where generate's helper draws from the global
+one (which every thread of the process shares); the helper then orders and gathers exactly
+those candidates (``_draw``).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["BeamSearch"]
-
-
-@contextlib.contextmanager
-def _drawing_with(rng: torch.Generator | None) -> Iterator[None]:
-    """Run a block whose ``torch.multinomial`` calls draw from ``rng`` (generate's beam helpers
-    draw from the global generator, which other requests share), leaving the global one as it
-    was."""
-    if rng is None:
-        yield
-        return
-    device = rng.device
-    cuda = device.type == "cuda"
-    index = device.index if device.index is not None else 0
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type=device.type):
-        default = torch.cuda.default_generators[index] if cuda else torch.default_generator
-        default.set_state(rng.get_state())
-        yield
-        rng.set_state(default.get_state())
 
 
 class BeamSearch:
@@ -106,18 +90,21 @@ class BeamSearch:
         is set when the search has ended, and ``tokens`` then holds its best sequence."""
         m, cur = self.model, self.cur_len
         if logits.shape[0] != self.size:
-            logits = logits.expand(self.size, -1)  # the shared prefill row, as every beam
+            # the prefilled row, as every beam: only at the first step
+            assert logits.shape[0] == 1 and cur == self.prompt_len, (logits.shape, cur)
+            logits = logits.expand(self.size, -1)
         flat = self.running[0, :, :cur]
         log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
         log_probs = self.processors(flat, log_probs)
         log_probs = (log_probs + self.running_scores[0, :, None]).reshape(1, -1)
-        with _drawing_with(self.rng if self.config.do_sample else None):
-            top_scores, top_sequences, top_indices = m._get_top_k_continuations(
-                accumulated_log_probs=log_probs, running_sequences=self.running,
-                running_beam_indices=self.running_indices, cur_len=cur,
-                decoder_prompt_len=self.prompt_len, do_sample=bool(self.config.do_sample),
-                beams_to_keep=self.keep, num_beams=self.size, batch_size=1,
-            )  # fmt: skip
+        if self.config.do_sample:
+            log_probs = self._draw(log_probs)
+        top_scores, top_sequences, top_indices = m._get_top_k_continuations(
+            accumulated_log_probs=log_probs, running_sequences=self.running,
+            running_beam_indices=self.running_indices, cur_len=cur,
+            decoder_prompt_len=self.prompt_len, do_sample=False, beams_to_keep=self.keep,
+            num_beams=self.size, batch_size=1,
+        )  # fmt: skip
         hits = self.stopping(top_sequences[0, :, : cur + 1], None).view(1, self.keep)
         self.running, self.running_scores, self.running_indices = (
             m._get_running_beams_for_next_iteration(
@@ -147,6 +134,16 @@ class BeamSearch:
             self.open, self.finished, hits, self.config.early_stopping
         ))  # fmt: skip
         return [int(p) for p in parents]
+
+    def _draw(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Sample the step's candidates as generate's helper does (``keep`` of them, without
+        replacement, by the softmax of the scores) but from the request's generator, and
+        leave only them scored: the helper's top-k then takes exactly those, ordered by score
+        as its sampling branch orders them."""
+        probs = torch.nn.functional.softmax(log_probs, dim=-1)
+        drawn = torch.multinomial(probs, num_samples=self.keep, generator=self.rng)
+        kept = torch.full_like(log_probs, -float("inf"))
+        return kept.scatter_(1, drawn, log_probs.gather(1, drawn))
 
     @property
     def last_tokens(self) -> list[int]:

@@ -87,9 +87,9 @@ class EngineLimits:
     """Bounds on what one replica holds (memory is what the KV cache of these costs)."""
 
     max_running: int = 32
-    """Sequences in the running decode batch."""
+    """Rows in the running decode batch (a sequence each; a beam search holds one per beam)."""
     max_cached_tokens: int = 32768
-    """Prompt + max new tokens reserved by the running sequences (the KV cache bound; the
+    """Prompt + max new tokens reserved by the running rows (the KV cache bound; the
     cache also holds padding up to the widest running row, and an encoder-decoder's
     cross-attention rows are as wide as its widest running prompt)."""
     max_queued: int = 256
@@ -414,6 +414,13 @@ class ContinuousBatchingEngine:
                 f"generation_config's num_beams), more rows than scheduler.max_running="
                 f"{self.limits.max_running}"
             )
+        try:
+            self._any_processors, self._own_warpers = self._probe_processors()
+        except Exception as err:  # a transformers whose private builder changed shape
+            raise ValueError(
+                f"continuous batching: generate's logits processors could not be built for "
+                f"this model ({type(err).__name__}: {err})"
+            ) from err
         kind = getattr(config, "model_type", None)
         module = _position_module(model) if self._seq2seq and kind in ABSOLUTE_DECODERS else None
         self._row_positions = _RowPositions(module) if module is not None else None
@@ -445,13 +452,6 @@ class ContinuousBatchingEngine:
         grows = module is not None and hasattr(module, "make_weights")
         self._max_positions = None if self._seq2seq and (module is None or grows) else decoder_table
         self._max_prompt = encoder_table if module is not None and not grows else None
-        try:
-            self._any_processors, self._own_warpers = self._probe_processors()
-        except Exception as err:  # a transformers whose private builder changed shape
-            raise ValueError(
-                f"continuous batching: generate's logits processors could not be built for "
-                f"this model ({type(err).__name__}: {err})"
-            ) from err
         accepted = inspect.signature(self._base().forward).parameters
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
@@ -531,7 +531,8 @@ class ContinuousBatchingEngine:
         ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
         columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far;
         ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
-        to its prefill and to its first token)."""
+        to its prefill and to its first token (a beam search's first step; its text goes out
+        when the search ends))."""
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
@@ -553,6 +554,12 @@ class ContinuousBatchingEngine:
             if self.prefix is not None else None,
             **dict(self.counters),
         }  # fmt: skip
+
+    @property
+    def rows_per_request(self) -> int:
+        """Rows one request holds in the running batch: the model's beams (1 without beam
+        search); ``limits.max_running`` must allow at least this many."""
+        return self._width
 
     def forget_adapter(self, adapter: str) -> None:
         """Drop the kept prompt K/V computed through an adapter (it is being unloaded: a new
@@ -591,7 +598,7 @@ class ContinuousBatchingEngine:
                     err = RuntimeError("the generation engine is shut down")
                     self._deliver([(s.sink, "error", err) for s in gone])
                     return
-                admit = self._admit()
+                admit = self._admit(events)
             try:
                 with self.lock, torch.inference_mode():
                     self._drop(events)
@@ -604,6 +611,7 @@ class ContinuousBatchingEngine:
                         # Newcomers' first tokens go out now, not after the decode step.
                         self._deliver(events)
                         events = []
+                        self._drop(events)  # those that ended at their first token
                     t1 = time.perf_counter()
                     if self._running:
                         self._decode(events)
@@ -618,23 +626,36 @@ class ContinuousBatchingEngine:
                 events += [(s.sink, "error", err) for s in gone if s.head and not s.done]
             self._deliver(events)
 
-    def _admit(self) -> list[_Seq]:
+    def _admit(self, events: list[tuple[Sink, str, Any]]) -> list[_Seq]:
         """FIFO: waiting requests while slots, cached tokens and the prefill budget allow
-        (caller holds ``_cond``). Budgets are reserved whole, so nothing is ever preempted."""
+        (caller holds ``_cond``). Budgets are reserved whole, so nothing is ever preempted. A
+        request that no longer fits the limits even alone (they were lowered while it waited)
+        fails rather than waiting for ever."""
         admit: list[_Seq] = []
         reserved = sum(s.budget for s in self._running)
         rows, prefill = len(self._running), 0
+        limits = self.limits
         while self._waiting:
             seq = self._waiting[0]
             if seq.cancelled:
                 self._waiting.popleft()
                 self.counters["cancelled"] += 1
                 continue
-            if rows + seq.width > self.limits.max_running:
+            if seq.width > limits.max_running or seq.budget * seq.width > limits.max_cached_tokens:
+                self._waiting.popleft()
+                self.counters["failed"] += 1
+                err = ValueError(
+                    f"the request needs {seq.width} row(s) of {seq.budget} cached tokens, more "
+                    f"than the scheduler now allows (max_running={limits.max_running}, "
+                    f"max_cached_tokens={limits.max_cached_tokens}); send a shorter request"
+                )
+                events.append((seq.sink, "error", err))
+                continue
+            if rows + seq.width > limits.max_running:
                 break
-            if reserved + seq.budget * seq.width > self.limits.max_cached_tokens:
+            if reserved + seq.budget * seq.width > limits.max_cached_tokens:
                 break
-            if admit and prefill + len(seq.prompt_ids) > self.limits.max_prefill_tokens:
+            if admit and prefill + len(seq.prompt_ids) > limits.max_prefill_tokens:
                 break
             self._waiting.popleft()
             admit.append(seq)
@@ -726,9 +747,22 @@ class ContinuousBatchingEngine:
         self.counters["failed"] += len(seqs)
         events += [(s.sink, "error", err) for s in seqs]
 
+    def _end(self, seqs: list[_Seq], err: Exception, events: list[tuple[Sink, str, Any]]) -> None:
+        """Fail requests whose rows are in the running batch: each gets ``err``; their rows
+        (every beam's) leave at the next ``_drop``."""
+        self._fail(seqs, err, events)
+        for seq in seqs:
+            seq.done = True
+
     def _prefill_rows(self, seqs: list[_Seq], events: list[tuple[Sink, str, Any]]) -> None:
+        """Prefill newcomers and take their first tokens. What raises before their rows join
+        the batch propagates (``_prefill`` retries them one at a time); after, they fail
+        here, together, and leave at the next ``_drop``."""
         self.prefill_sizes[len(seqs)] += 1  # attempts: a failed prefill counts too
         started = time.perf_counter()
+        for seq in seqs:
+            if seq.width > 1 and seq.beams is None:
+                self._start_search(seq)
         logits = self._prefill_seq2seq(seqs) if self._seq2seq else self._prefill_causal(seqs)
         for seq in seqs:
             # the position of the token just fed (_advance moves on): the last prompt
@@ -736,7 +770,11 @@ class ContinuousBatchingEngine:
             seq.position = 0 if self._seq2seq else len(seq.prompt_ids) - 1
         with self._cond:
             self._running.extend(seqs)
-        self._advance(seqs, logits, events)
+        try:
+            self._advance(seqs, logits, events)
+        except Exception as err:  # joined already: a retry would join them twice
+            log.exception("first tokens failed")
+            self._end([s for s in seqs if not s.over], err, events)
         now = time.perf_counter()
         self.latency.update(
             requests=len(seqs),
@@ -1121,13 +1159,10 @@ class ContinuousBatchingEngine:
         config = copy.deepcopy(base.generation_config)
         sampled = not params.greedy if sampled is None else sampled
         start = 1 if self._seq2seq else len(prompt_ids)  # generate's input_ids: the decoder's
-        length = start + params.max_new_tokens
-        if self._max_positions:  # a sequence ends at the model's last position, as _advance's
-            length = min(length, self._max_positions + 1)
         pad = self.tokenizer.pad_token_id
         config.update(
             do_sample=sampled, num_beams=beams, max_new_tokens=params.max_new_tokens,
-            max_length=length, eos_token_id=self._stop_ids or None,
+            max_length=start + params.max_new_tokens, eos_token_id=self._stop_ids or None,
             pad_token_id=pad if pad is not None else (self._stop_ids or [None])[0],
             temperature=params.temperature if sampled else None,
             top_k=params.top_k if sampled else None, top_p=params.top_p if sampled else None,
@@ -1251,7 +1286,12 @@ class ContinuousBatchingEngine:
             if lead.over:
                 continue
             index = torch.tensor(rows, device=logits.device)
-            parents = self._beam_step(lead, logits.index_select(0, index), events)
+            try:
+                parents = self._beam_step(lead, logits.index_select(0, index), events)
+            except Exception as err:  # it fails alone; the batch's other rows go on
+                log.exception("beam search step failed")
+                self._end([lead], err, events)
+                continue
             if parents is not None:
                 moved[id(lead)] = parents
         if moved:
@@ -1263,19 +1303,8 @@ class ContinuousBatchingEngine:
         """One step of a request's beam search (``actors.beam_search``) over its rows' logits
         → which current row each next beam continues, or None when the search ended (the
         request is finished: its best sequence's text goes out in one piece)."""
-        if lead.beams is None:  # its first step, right after its prefill
-            from transformers import StoppingCriteriaList
-
-            config = self._request_config(lead.prompt_ids, lead.params, beams=lead.width)
-            base, head = self._base(), [self._start] if self._seq2seq else lead.prompt_ids
-            processors = self._processors(config, lead.prompt_ids)
-            stopping = base._get_stopping_criteria(config, StoppingCriteriaList(),
-                                                   tokenizer=self.tokenizer)  # fmt: skip
-            lead.beams = BeamSearch(base, config, processors, stopping, head, lead.rng,
-                                    self._device())  # fmt: skip
-            lead.rows = [lead]
         search = lead.beams
-        assert search is not None and lead.rows is not None
+        assert search is not None and lead.rows is not None  # set up before its prefill
         parents = search.step(logits)
         lead.generated += 1
         if search.done:
@@ -1296,6 +1325,24 @@ class ContinuousBatchingEngine:
             row.last = token
             row.position += 1
         return parents
+
+    def _start_search(self, seq: _Seq) -> None:
+        """Set up a request's beam search before its prefill (so that a request whose search
+        cannot be built fails before its rows join the batch): generate's config, processors
+        and stopping criteria for it alone, and one more criterion that ends it at the
+        model's last position, where ``generate`` would fail (``_advance_rows`` ends a
+        sequence there too)."""
+        from transformers import MaxLengthCriteria, StoppingCriteriaList
+
+        config = self._request_config(seq.prompt_ids, seq.params, beams=seq.width)
+        base, head = self._base(), [self._start] if self._seq2seq else seq.prompt_ids
+        stopping = base._get_stopping_criteria(config, StoppingCriteriaList(),
+                                               tokenizer=self.tokenizer)  # fmt: skip
+        if self._max_positions:
+            stopping.append(MaxLengthCriteria(self._max_positions + 1))
+        processors = self._processors(config, seq.prompt_ids)
+        seq.beams = BeamSearch(base, config, processors, stopping, head, seq.rng, self._device())
+        seq.rows = [seq]
 
     def _advance_rows(
         self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]

@@ -28,10 +28,14 @@ class SchedulerArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_running: int = Field(default=32, ge=1, le=4096, description="sequences decoded together")
+    max_running: int = Field(
+        default=32, ge=1, le=4096,
+        description="rows decoded together (a sequence each; a beam search holds one per beam)",
+    )  # fmt: skip
     max_cached_tokens: int = Field(
-        default=32768, ge=16, description="KV-cache bound: prompt + max tokens of running requests"
-    )
+        default=32768, ge=16,
+        description="KV-cache bound: prompt + max tokens of each running row",
+    )  # fmt: skip
     max_queued: int = Field(default=256, ge=0, description="waiting requests before 503s")
     max_prefill_tokens: int = Field(
         default=4096, ge=1, description="prompt tokens prefilled per step (joins that wait)"

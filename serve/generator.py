@@ -250,6 +250,12 @@ class GeneratorBase:
 
             merged = {**self.spec.scheduler.model_dump(), **user_config["scheduler"]}
             checked = SchedulerArgs.model_validate(merged)
+            if checked.max_running < self.engine.rows_per_request:
+                raise ValueError(
+                    f"scheduler.max_running={checked.max_running}: the model searches "
+                    f"{self.engine.rows_per_request} beams, each a row of the batch; give at "
+                    "least that many"
+                )
             self.engine.limits = self._limits(checked.model_dump())
             self.stream_interval_s = checked.stream_interval_s
             self.stream_messages_per_s = checked.stream_messages_per_s

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+import torch
 
 from actors.engine import ContinuousBatchingEngine, EngineLimits, engine_unsupported, wait_result
 from actors.generation import Completion, SamplingParams, generate_batch
@@ -83,6 +84,7 @@ def test_beam_search_equals_generate_alone_and_joined_mid_decode(kind):
             assert recorder.pieces == ([done.text] if done.text else [])
         jobs = [(p, SamplingParams(max_new_tokens=5 + 3 * i, stop=("e",) if i % 2 else ()))
                 for i, p in enumerate(PROMPTS)]  # fmt: skip
+        jobs.insert(2, (PROMPTS[1], SamplingParams(max_new_tokens=1)))  # ends at its prefill
         for (prompt, params), recorder in zip(jobs, _joined(engine, jobs), strict=True):
             done, want = recorder.result(), _static(model, tok, prompt, params)
             assert _same(done, want), (prompt, params, done, want)
@@ -247,5 +249,76 @@ def test_a_search_reaching_the_position_table_ends_there_with_length():
         assert done.finish_reason == "length" and n + done.completion_tokens == 64 + 1, n
         want = _static(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=8))
         assert _same(short.result(), want)
+    finally:
+        engine.close()
+
+
+def test_a_failing_search_fails_alone_and_a_prompt_past_the_table_ends_at_once(monkeypatch):
+    """A search whose step raises fails alone: the searches beside it finish as ``generate``
+    makes them and the engine goes on. A prompt longer than a rotary model's position table
+    ends after one token (as a greedy request does), not with an error for the batch."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from actors.beam_search import BeamSearch
+    from actors.tiny import tiny_model_path
+
+    source = tiny_model_path("tiny:llama")
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(source, max_position_embeddings=40)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tok = AutoTokenizer.from_pretrained(source)
+    model.generation_config.num_beams = BEAMS
+    bad = tok(PROMPTS[2], add_special_tokens=False)["input_ids"]
+    real = BeamSearch.step
+
+    def step(self: BeamSearch, logits: torch.Tensor) -> list[int]:
+        if self.cur_len == self.prompt_len + 2 and self.running[0, 0, : len(bad)].tolist() == bad:
+            raise RuntimeError("planted failure in one search's step")
+        return real(self, logits)
+
+    monkeypatch.setattr(BeamSearch, "step", step)
+    long_prompt = " ".join(PROMPTS)
+    assert len(tok(long_prompt, add_special_tokens=False)["input_ids"]) > 40
+    params = SamplingParams(max_new_tokens=8)
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        recorders = {p: Recorder() for p in (PROMPTS[0], PROMPTS[2], PROMPTS[3])}
+        with engine.lock:
+            for prompt, recorder in recorders.items():
+                engine.submit(prompt, params, None, recorder)
+        with pytest.raises(RuntimeError, match="planted failure"):
+            recorders[PROMPTS[2]].result()
+        monkeypatch.setattr(BeamSearch, "step", real)
+        for prompt in (PROMPTS[0], PROMPTS[3]):
+            assert _same(recorders[prompt].result(), _static(model, tok, prompt, params))
+        running = Recorder()  # a search within the table, running when the long one joins
+        fits = SamplingParams(max_new_tokens=38 - len(tok(PROMPTS[0])["input_ids"]))
+        engine.submit(PROMPTS[0], fits, None, running)
+        assert wait_result(engine, long_prompt, params).completion_tokens == 1
+        assert _same(running.result(), _static(model, tok, PROMPTS[0], fits))
+        stats = engine.stats()
+        assert stats["failed"] == 1 and stats["running"] == 0, stats
+    finally:
+        engine.close()
+
+
+def test_requests_that_no_longer_fit_lowered_limits_fail_instead_of_waiting():
+    """Limits lowered while a search waits (a hot config) so that it can never run: it fails
+    with the limits named, rather than waiting for ever."""
+    model, tok = _beam_model("llama")
+    engine = ContinuousBatchingEngine(model, tok, EngineLimits(max_running=4))
+    try:
+        first = engine.submit(PROMPTS[0], SamplingParams(max_new_tokens=2000), None, Recorder())
+        deadline = time.monotonic() + 30
+        while engine.stats()["running"] < BEAMS:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        waiting = Recorder()
+        engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=4), None, waiting)
+        assert engine.stats()["waiting"] == 1  # three rows of four are taken
+        engine.limits = EngineLimits(max_running=2)
+        with pytest.raises(ValueError, match="max_running=2"):
+            waiting.result(timeout_s=30)
+        engine.cancel(first)
     finally:
         engine.close()
