@@ -82,6 +82,7 @@ class BeamSearch:
                                           dtype=torch.int32, device=device)  # fmt: skip
         self.indices = self.running_indices.clone()
         self.done = False
+        self.last_tokens: list[int] = []  # each running beam's newest token (fed next step)
 
     def step(self, logits: torch.Tensor) -> list[int]:
         """Score one step: ``logits`` are the next-token logits of the request's running rows
@@ -122,7 +123,7 @@ class BeamSearch:
             decoder_prompt_len=self.prompt_len, length_penalty=self.config.length_penalty,
             early_stopping=self.config.early_stopping,
         )  # fmt: skip
-        parents = self.running_indices[0, :, cur - self.prompt_len].tolist()
+        parents = self.running_indices[0, :, cur - self.prompt_len].long()
         self.cur_len = cur + 1
         self.open = m._check_early_stop_heuristic(
             is_early_stop_heuristic_unsatisfied=self.open, running_beam_scores=self.running_scores,
@@ -130,10 +131,14 @@ class BeamSearch:
             max_length=self.config.max_length, decoder_prompt_len=self.prompt_len,
             early_stopping=self.config.early_stopping, length_penalty=self.config.length_penalty,
         )  # fmt: skip
-        self.done = not bool(m._beam_search_has_unfinished_sequences(
+        going = m._beam_search_has_unfinished_sequences(
             self.open, self.finished, hits, self.config.early_stopping
-        ))  # fmt: skip
-        return [int(p) for p in parents]
+        )
+        # one device-to-host copy per step: parents, newest tokens, whether it goes on
+        host = torch.cat([parents, self.running[0, :, cur], going.view(1).long()]).tolist()
+        self.last_tokens = host[self.size : 2 * self.size]
+        self.done = not host[-1]
+        return host[: self.size]
 
     def _draw(self, log_probs: torch.Tensor) -> torch.Tensor:
         """Sample the step's candidates as generate's helper does (``keep`` of them, without
@@ -144,11 +149,6 @@ class BeamSearch:
         drawn = torch.multinomial(probs, num_samples=self.keep, generator=self.rng)
         kept = torch.full_like(log_probs, -float("inf"))
         return kept.scatter_(1, drawn, log_probs.gather(1, drawn))
-
-    @property
-    def last_tokens(self) -> list[int]:
-        """Each running beam's newest token (what its row is fed at the next step)."""
-        return self.running[0, :, self.cur_len - 1].tolist()
 
     @property
     def tokens(self) -> list[int]:

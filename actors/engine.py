@@ -1116,8 +1116,17 @@ class ContinuousBatchingEngine:
             i += now
         if source == list(range(len(self._running))):
             return
+        reordered = len(source) == len(self._running)  # no search grew to its beams
         with self._cond:
             self._running = running
+        if reordered:
+            # A search's rows share their decoder mask, encoder states and cross-attention
+            # K/V (one prompt, one length): only their own K/V move.
+            index = torch.tensor(source, dtype=torch.long, device=self._device())
+            for layer in self._layers(self._cache)[0]:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+            return
         self._reindex(source)
 
     def _reindex(self, rows: list[int]) -> None:
@@ -1285,9 +1294,10 @@ class ContinuousBatchingEngine:
         for lead, rows in searches.values():
             if lead.over:
                 continue
-            index = torch.tensor(rows, device=logits.device)
+            # a search's rows lie side by side: a slice, no index to copy to the device
+            assert rows == list(range(rows[0], rows[0] + len(rows))), rows
             try:
-                parents = self._beam_step(lead, logits.index_select(0, index), events)
+                parents = self._beam_step(lead, logits[rows[0] : rows[-1] + 1], events)
             except Exception as err:  # it fails alone; the batch's other rows go on
                 log.exception("beam search step failed")
                 self._end([lead], err, events)
