@@ -477,19 +477,9 @@ class ContinuousBatchingEngine:
                 f"prompt: {len(ids)} tokens, more than the model's {self._max_prompt} positions; "
                 "shorten it"
             )
-        need = len(ids) + params.max_new_tokens
-        width = self._width
-        if need * width > self.limits.max_cached_tokens:
-            beams = f" for each of the model's {width} beams" if width > 1 else ""
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens}){beams} exceed "
-                f"the scheduler's max_cached_tokens={self.limits.max_cached_tokens}"
-            )
-        if width > self.limits.max_running:
-            raise ValueError(
-                f"the model searches {width} beams (its generation_config's num_beams), more "
-                f"rows than the scheduler's max_running={self.limits.max_running}; raise it"
-            )
+        reason = self._refusal(len(ids), params, self.limits)
+        if reason is not None:
+            raise ValueError(reason)
         rng = None
         if not params.greedy:
             rng = torch.Generator(device=self._device())
@@ -506,7 +496,7 @@ class ContinuousBatchingEngine:
                     f"{len(self._waiting)} requests are already waiting "
                     f"(scheduler.max_queued={self.limits.max_queued}); retry later"
                 )
-            seq = _Seq(next(self._ids), list(ids), params, adapter, sink, rng, width=width)
+            seq = _Seq(next(self._ids), list(ids), params, adapter, sink, rng, width=self._width)
             self._waiting.append(seq)
             self.counters["submitted"] += 1
             if self._thread is None:
@@ -516,6 +506,22 @@ class ContinuousBatchingEngine:
                 self._thread.start()
             self._cond.notify()
         return seq.rid
+
+    def _refusal(self, prompt_len: int, params: SamplingParams, limits: EngineLimits) -> str | None:
+        """Why a request of this size can never run under ``limits``, even alone, or None."""
+        width = self._width
+        if (prompt_len + params.max_new_tokens) * width > limits.max_cached_tokens:
+            beams = f" for each of the model's {width} beams" if width > 1 else ""
+            return (
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_new_tokens}){beams} "
+                f"exceed the scheduler's max_cached_tokens={limits.max_cached_tokens}"
+            )
+        if width > limits.max_running:
+            return (
+                f"the model searches {width} beams (its generation_config's num_beams), more "
+                f"rows than the scheduler's max_running={limits.max_running}; raise it"
+            )
+        return None
 
     def cancel(self, rid: int) -> None:
         """Mark a request cancelled; the engine thread drops it before its next step."""
@@ -641,15 +647,11 @@ class ContinuousBatchingEngine:
                 self._waiting.popleft()
                 self.counters["cancelled"] += 1
                 continue
-            if seq.width > limits.max_running or seq.budget * seq.width > limits.max_cached_tokens:
+            reason = self._refusal(len(seq.prompt_ids), seq.params, limits)
+            if reason is not None:  # the limits were lowered while it waited
                 self._waiting.popleft()
                 self.counters["failed"] += 1
-                err = ValueError(
-                    f"the request needs {seq.width} row(s) of {seq.budget} cached tokens, more "
-                    f"than the scheduler now allows (max_running={limits.max_running}, "
-                    f"max_cached_tokens={limits.max_cached_tokens}); send a shorter request"
-                )
-                events.append((seq.sink, "error", err))
+                events.append((seq.sink, "error", ValueError(reason)))
                 continue
             if rows + seq.width > limits.max_running:
                 break
@@ -1093,47 +1095,47 @@ class ContinuousBatchingEngine:
             return
         self._reindex(keep)
 
-    def _regroup(self, moved: dict[int, list[int]]) -> None:
+    def _regroup(self, moved: dict[int, tuple[int, list[int]]]) -> None:
         """After a beam search step: give each search's rows the cache of the rows its beams
-        continue (``moved``: a search's first row's id → each new beam's row among the search's
-        current rows, which lie side by side in the batch). A search's first step turns its one
-        prefilled row into one row per beam."""
+        continue (``moved``: a search's first row's id → (its rows in this step, each new
+        beam's row among them); a search's rows lie side by side in the batch). A search's
+        first step turns its one prefilled row into one row per beam."""
         source: list[int] = []
         running: list[_Seq] = []
         i = 0
         while i < len(self._running):
             seq = self._running[i]
-            parents = moved.get(id(seq)) if seq.rows is not None and seq.head else None
-            if parents is None:
+            if id(seq) not in moved:
                 source.append(i)
                 running.append(seq)
                 i += 1
                 continue
+            now, parents = moved[id(seq)]
             assert seq.rows is not None
-            now = sum(1 for s in self._running[i : i + len(seq.rows)] if s.rows is seq.rows)
             source += [i + (p if now > 1 else 0) for p in parents]
             running += seq.rows
             i += now
         if source == list(range(len(self._running))):
             return
-        reordered = len(source) == len(self._running)  # no search grew to its beams
+        # a search's rows share their decoder mask, encoder states and cross-attention K/V
+        # (one prompt, one length): unless a search grew to its beams, only their own K/V move
+        grew = len(source) != len(self._running)
         with self._cond:
             self._running = running
-        if reordered:
-            # A search's rows share their decoder mask, encoder states and cross-attention
-            # K/V (one prompt, one length): only their own K/V move.
-            index = torch.tensor(source, dtype=torch.long, device=self._device())
+        self._reindex(source, shared=grew)
+
+    def _reindex(self, rows: list[int], shared: bool = True) -> None:
+        """The running cache's rows ``rows`` (in that order; a row may repeat), with the padding
+        no row needs any more trimmed (leading decoder columns, trailing encoder columns);
+        ``shared`` False: only the decoder's self-attention K/V, which alone differ between
+        the rows being exchanged."""
+        assert self._mask is not None
+        index = torch.tensor(rows, dtype=torch.long, device=self._mask.device)
+        if not shared:
             for layer in self._layers(self._cache)[0]:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
             return
-        self._reindex(source)
-
-    def _reindex(self, rows: list[int]) -> None:
-        """The running cache's rows ``rows`` (in that order; a row may repeat), with the padding
-        no row needs any more trimmed (leading decoder columns, trailing encoder columns)."""
-        assert self._mask is not None
-        index = torch.tensor(rows, dtype=torch.long, device=self._mask.device)
         self._mask = self._mask.index_select(0, index)
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
@@ -1156,6 +1158,11 @@ class ContinuousBatchingEngine:
         self._enc_out, self._enc_mask = None, None
 
     # ----- tokens → text ------------------------------------------------------------------------
+    def _head(self, prompt_ids: Sequence[int]) -> Sequence[int]:
+        """``generate``'s input_ids for a request alone: a causal LM's prompt, an
+        encoder-decoder's decoder start token."""
+        return [self._start] if self._seq2seq else prompt_ids
+
     def _request_config(
         self, prompt_ids: Sequence[int], params: SamplingParams, sampled: bool | None = None,
         beams: int = 1,
@@ -1167,7 +1174,7 @@ class ContinuousBatchingEngine:
         base = self._base()
         config = copy.deepcopy(base.generation_config)
         sampled = not params.greedy if sampled is None else sampled
-        start = 1 if self._seq2seq else len(prompt_ids)  # generate's input_ids: the decoder's
+        start = len(self._head(prompt_ids))
         pad = self.tokenizer.pad_token_id
         config.update(
             do_sample=sampled, num_beams=beams, max_new_tokens=params.max_new_tokens,
@@ -1192,7 +1199,7 @@ class ContinuousBatchingEngine:
         device = self._device()
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
         given = {} if self._seq2seq else {"attention_mask": torch.ones_like(ids)}
-        start = 1 if self._seq2seq else len(prompt_ids)
+        start = len(self._head(prompt_ids))
         return self._base()._get_logits_processor(
             config, input_ids_seq_length=start, encoder_input_ids=ids, device=device,
             model_kwargs=given,
@@ -1223,7 +1230,7 @@ class ContinuousBatchingEngine:
         """``generate``'s input_ids for this sequence alone: a causal LM's prompt and
         continuation, an encoder-decoder's decoder start token and continuation (kept in one
         buffer per sequence, extended by the tokens decoded since the last step)."""
-        head = [self._start] if self._seq2seq else seq.prompt_ids
+        head = self._head(seq.prompt_ids)
         if seq.seen is None:
             seq.seen = torch.empty(
                 (1, len(head) + seq.params.max_new_tokens), dtype=torch.long,
@@ -1290,7 +1297,7 @@ class ContinuousBatchingEngine:
         for row, seq in enumerate(seqs):
             lead = seq if seq.rows is None else seq.rows[0]
             searches.setdefault(id(lead), (lead, []))[1].append(row)
-        moved: dict[int, list[int]] = {}
+        moved: dict[int, tuple[int, list[int]]] = {}
         for lead, rows in searches.values():
             if lead.over:
                 continue
@@ -1303,7 +1310,7 @@ class ContinuousBatchingEngine:
                 self._end([lead], err, events)
                 continue
             if parents is not None:
-                moved[id(lead)] = parents
+                moved[id(lead)] = (len(rows), parents)
         if moved:
             self._regroup(moved)
 
@@ -1316,7 +1323,6 @@ class ContinuousBatchingEngine:
         search = lead.beams
         assert search is not None and lead.rows is not None  # set up before its prefill
         parents = search.step(logits)
-        lead.generated += 1
         if search.done:
             tokens = search.tokens
             ended = next((i for i, t in enumerate(tokens) if t in self._eos), None)
@@ -1345,7 +1351,7 @@ class ContinuousBatchingEngine:
         from transformers import MaxLengthCriteria, StoppingCriteriaList
 
         config = self._request_config(seq.prompt_ids, seq.params, beams=seq.width)
-        base, head = self._base(), [self._start] if self._seq2seq else seq.prompt_ids
+        base, head = self._base(), self._head(seq.prompt_ids)
         stopping = base._get_stopping_criteria(config, StoppingCriteriaList(),
                                                tokenizer=self.tokenizer)  # fmt: skip
         if self._max_positions:

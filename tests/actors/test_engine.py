@@ -401,17 +401,23 @@ def test_a_failed_packed_prefill_across_adapters_stops_only_that_packing(tmp_pat
         engine.close()
 
 
-def _staggered_joins(engine: ContinuousBatchingEngine, lengths: list[int]) -> list[Completion]:
-    """Submit ``PROMPTS`` (cycled) with these token budgets, each once the engine has taken a
-    decode step since the previous one, so every request joins a batch already running; their
-    completions, in order."""
-    recorders = [Recorder() for _ in lengths]
-    for i, rec in enumerate(recorders):
+def _staggered_joins(
+    engine: ContinuousBatchingEngine, lengths: list[int] | list[tuple[str, SamplingParams]]
+) -> list[Completion]:
+    """Submit ``PROMPTS`` (cycled) with these token budgets, or these (prompt, params) jobs,
+    each once the engine has taken a decode step since the previous one (or has nothing left
+    to step), so every request joins a batch already running; their completions, in order."""
+    jobs = [job if isinstance(job, tuple) else
+            (PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=job))
+            for i, job in enumerate(lengths)]  # fmt: skip
+    recorders = [Recorder() for _ in jobs]
+    for i, (prompt, params) in enumerate(jobs):
         steps = sum(engine.stats()["decode_batch_sizes"].values())
-        engine.submit(PROMPTS[i % len(PROMPTS)], SamplingParams(max_new_tokens=lengths[i]),
-                      None, rec)  # fmt: skip
+        engine.submit(prompt, params, None, recorders[i])
         deadline = time.monotonic() + 30
         while sum(engine.stats()["decode_batch_sizes"].values()) <= steps:
+            if all(rec.finished.is_set() for rec in recorders[: i + 1]):
+                break  # nothing left running to step
             assert time.monotonic() < deadline, "the engine took no decode step"
             time.sleep(0.001)
     return [rec.result() for rec in recorders]

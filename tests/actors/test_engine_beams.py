@@ -16,7 +16,15 @@ import torch
 
 from actors.engine import ContinuousBatchingEngine, EngineLimits, engine_unsupported, wait_result
 from actors.generation import Completion, SamplingParams, generate_batch
-from tests.actors.test_engine import PROMPTS, Recorder, _gpt2, _llama, _seq2seq, _two_adapters
+from tests.actors.test_engine import (
+    PROMPTS,
+    Recorder,
+    _gpt2,
+    _llama,
+    _seq2seq,
+    _staggered_joins,
+    _two_adapters,
+)
 
 BEAMS = 3
 
@@ -48,24 +56,6 @@ def _same(got: Completion, want: Completion) -> bool:
     return all(getattr(got, k) == getattr(want, k) for k in keys)
 
 
-def _joined(engine: ContinuousBatchingEngine, jobs: list[tuple[str, SamplingParams]]
-            ) -> list[Recorder]:  # fmt: skip
-    """Submit each job once the engine has taken a decode step since the previous one, so
-    each joins a running batch; their recorders."""
-    recorders = []
-    for prompt, params in jobs:
-        steps = sum(engine.stats()["decode_batch_sizes"].values())
-        recorders.append(Recorder())
-        engine.submit(prompt, params, None, recorders[-1])
-        deadline = time.monotonic() + 30
-        while sum(engine.stats()["decode_batch_sizes"].values()) <= steps:
-            if all(r.finished.is_set() for r in recorders):
-                break  # nothing left running to step
-            assert time.monotonic() < deadline, "the engine took no decode step"
-            time.sleep(0.001)
-    return recorders
-
-
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5", "bart"])
 def test_beam_search_equals_generate_alone_and_joined_mid_decode(kind):
     """Each request alone, then requests joining a running batch at different budgets (with and
@@ -85,8 +75,8 @@ def test_beam_search_equals_generate_alone_and_joined_mid_decode(kind):
         jobs = [(p, SamplingParams(max_new_tokens=5 + 3 * i, stop=("e",) if i % 2 else ()))
                 for i, p in enumerate(PROMPTS)]  # fmt: skip
         jobs.insert(2, (PROMPTS[1], SamplingParams(max_new_tokens=1)))  # ends at its prefill
-        for (prompt, params), recorder in zip(jobs, _joined(engine, jobs), strict=True):
-            done, want = recorder.result(), _static(model, tok, prompt, params)
+        for (prompt, params), done in zip(jobs, _staggered_joins(engine, jobs), strict=True):
+            want = _static(model, tok, prompt, params)
             assert _same(done, want), (prompt, params, done, want)
         stats = engine.stats()
         assert max(stats["decode_batch_sizes"]) >= 3 * BEAMS, stats
