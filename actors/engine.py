@@ -82,6 +82,10 @@ class EngineOverloaded(RuntimeError):
     """The waiting queue is full: retry later (the server answers 503 with Retry-After)."""
 
 
+class RequestTooLarge(ValueError):
+    """A request the scheduler's limits can never hold, even alone (the server answers 413)."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     """Bounds on what one replica holds (memory is what the KV cache of these costs)."""
@@ -468,7 +472,8 @@ class ContinuousBatchingEngine:
 
     # ----- public interface -------------------------------------------------------------------
     def submit(self, prompt: str, params: SamplingParams, adapter: str | None, sink: Sink) -> int:
-        """Tokenise and queue one request (see ``Engine.submit``)."""
+        """Tokenise and queue one request (see ``Engine.submit``); ``RequestTooLarge`` when
+        the limits can never hold it."""
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("prompt: empty after tokenisation")
@@ -479,7 +484,7 @@ class ContinuousBatchingEngine:
             )
         reason = self._refusal(len(ids), params, self.limits)
         if reason is not None:
-            raise ValueError(reason)
+            raise RequestTooLarge(reason)
         rng = None
         if not params.greedy:
             rng = torch.Generator(device=self._device())
@@ -651,7 +656,7 @@ class ContinuousBatchingEngine:
             if reason is not None:  # the limits were lowered while it waited
                 self._waiting.popleft()
                 self.counters["failed"] += 1
-                events.append((seq.sink, "error", ValueError(reason)))
+                events.append((seq.sink, "error", RequestTooLarge(reason)))
                 continue
             if rows + seq.width > limits.max_running:
                 break

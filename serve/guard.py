@@ -226,6 +226,9 @@ def make_api(args: AppArgs) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if _too_large(exc):
+            # prompt + max_tokens (x the model's beams) past the generator's scheduler limits
+            return error_response(413, _first_line(exc), "invalid_request")
         if _overloaded(exc):
             # The generator's queue is full (scheduler.max_queued): back off and retry.
             response = error_response(503, _first_line(exc), "overloaded")
@@ -279,6 +282,15 @@ def _overloaded(err: BaseException) -> bool:
 
     return any(
         isinstance(e, EngineOverloaded) for e in (err, getattr(err, "cause", None), err.__cause__)
+    )
+
+
+def _too_large(err: BaseException) -> bool:
+    """Whether a generator refused the request as larger than its scheduler's limits."""
+    from actors.engine import RequestTooLarge
+
+    return any(
+        isinstance(e, RequestTooLarge) for e in (err, getattr(err, "cause", None), err.__cause__)
     )
 
 

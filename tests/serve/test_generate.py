@@ -56,11 +56,11 @@ def generator_app(ray_session, tmp_path_factory):
                 "batch_wait_timeout_s": 0.05,
                 "generation": {"max_new_tokens": MAX_NEW},
             },
-            {  # the same weights behind a one-slot, one-seat scheduler
+            {  # the same weights behind a one-slot, one-seat scheduler with a small KV budget
                 "name": "narrow-lm",
                 "bundle": str(base),
                 "generation": {"max_new_tokens": MAX_NEW},
-                "scheduler": {"max_running": 1, "max_queued": 1},
+                "scheduler": {"max_running": 1, "max_queued": 1, "max_cached_tokens": 1600},
             },
             {  # a T5 configured for beam search, as many published summarizers and
                 # translators are: the engine runs each request's beams as rows
@@ -423,6 +423,8 @@ def test_generative_task_route(generator_app):
          "limits.max_new_tokens"),
         ("/v1/completions", {"model": "tiny-lm", "prompt": "word " * 400}, 413,
          "limits.max_input_tokens"),
+        ("/v1/completions", {"model": "narrow-lm", "prompt": "word " * 30, "max_tokens": LONG},
+         413, "max_cached_tokens=1600"),
         ("/v1/completions", {"model": "tiny-lm", "prompt": 7}, 422, "prompt"),
         ("/v1/completions", {"prompt": PROMPT}, 422, "model"),
         ("/v1/chat/completions", {"model": "tiny-lm", "messages": []}, 422, "messages"),
