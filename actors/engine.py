@@ -543,7 +543,8 @@ class ContinuousBatchingEngine:
         columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far;
         ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
         to its prefill and to its first token (a beam search's first step; its text goes out
-        when the search ends))."""
+        when the search ends); ``thread_cpu_s``: the CPU seconds the engine thread has used,
+        which against its busy seconds shows how long it waited for a core or the GIL)."""
         with self._cond:
             running, waiting = len(self._running), len(self._waiting)
             reserved = sum(s.budget for s in self._running)
@@ -561,10 +562,25 @@ class ContinuousBatchingEngine:
             "decode_batch_sizes": dict(self.decode_sizes),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "latency_s": dict(self.latency),
+            "thread_cpu_s": self._thread_cpu_s(),
             "prefix_cache": {"entries": len(self.prefix), "tokens": self.prefix.tokens}
             if self.prefix is not None else None,
             **dict(self.counters),
         }  # fmt: skip
+
+    def _thread_cpu_s(self) -> float | None:
+        """CPU seconds of the engine thread so far (0.0 before it starts); None where the
+        platform has no per-thread CPU clock or the thread has ended. Read from the caller's
+        thread through the engine thread's clock, so the loop pays nothing for it."""
+        thread = self._thread
+        if thread is None:
+            return 0.0
+        if thread.ident is None or not thread.is_alive():
+            return None
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        except (AttributeError, OSError):  # no per-thread clocks here (not Linux/BSD/macOS)
+            return None
 
     @property
     def rows_per_request(self) -> int:

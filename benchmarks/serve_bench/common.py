@@ -182,15 +182,44 @@ def by_concurrency(by_c: dict[Any, Any]) -> dict[int, Any]:
     return {int(c): v for c, v in by_c.items()}
 
 
+def cpu_split(cpu_s: dict[str, float], engine: dict[str, Any], tokens: int) -> dict[str, Any]:
+    """All the CPU per token (the processes counted in ``cpu_s``) split into the model's
+    steps (the engine thread, from ``engine_figures``) and everything else: Serve's transport,
+    the replica's other threads, the clients, Ray's daemons. Empty without the figures."""
+    engine_cpu = engine.get("thread_cpu_s")
+    if engine_cpu is None or not tokens or not cpu_s:
+        return {}
+    engine_ms = engine_cpu * 1000.0 / tokens
+    total_ms = sum(cpu_s.values()) * 1000.0 / tokens
+    return {"cpu_ms_per_token_split": {"engine_thread": engine_ms,
+                                       "everything_else": total_ms - engine_ms}}  # fmt: skip
+
+
+def cpu_bound_tok_s(cell: dict[str, Any], engine_tok_s: float, cores: int) -> float | None:
+    """The most tokens a second Serve could deliver on ``cores`` at this cell's CPU cost per
+    token outside the model (``cpu_ms_per_token_split["everything_else"]``: transport, the
+    replica's other threads, the clients, Ray), if the model cost what the engine costs in
+    process with a full batch (one thread: ``1000 / engine_tok_s`` ms a token, its CPU equal
+    to its wall time) and every core were busy all the time: an upper bound, since neither
+    holds under load. Below a target ratio, no scheduler can reach that target here."""
+    rest = (cell.get("cpu_ms_per_token_split") or {}).get("everything_else")
+    if rest is None or not engine_tok_s:
+        return None
+    return cores * 1000.0 / (rest + 1000.0 / engine_tok_s)
+
+
 def generator_ratios(
     results: dict[int, Any],
     mixed: dict[str, Any],
     inproc: dict[str, Any],
     staggered: dict[str, Any] | None = None,
+    cores: int | None = None,
 ) -> dict[str, float | None]:
-    """Serve against in-process at each concurrency, TTFT growth (under the plain load and the
-    staggered one), and the mixed and staggered loads against the plain streamed load at the
-    same concurrency."""
+    """Serve against in-process at each concurrency (and the most Serve could reach on
+    ``cores`` at the CPU each cell's transport cost, ``cpu_bound_tok_s``), TTFT growth (under
+    the plain load and the staggered one), and the mixed and staggered loads against the plain
+    streamed load at the same concurrency."""
+    cores = cores or os.cpu_count() or 1
     ratios: dict[str, float | None] = {}
     stream = inproc["streamed"]
     for c, r in results.items():
@@ -204,6 +233,10 @@ def generator_ratios(
             # the scheduler alone (no Serve) against static batching: what is left is transport
             ratios[f"engine_c{c}_vs_inprocess_batch{c}_aggregate_tok_s"] = ratio(
                 inproc[f"engine{c}"]["aggregate_tok_s"], inproc[f"batch{c}"]["aggregate_tok_s"]
+            )
+            ratios[f"cpu_bound_c{c}_vs_inprocess_batch{c}"] = ratio(
+                cpu_bound_tok_s(r, inproc[f"engine{c}"]["aggregate_tok_s"], cores),
+                inproc[f"batch{c}"]["aggregate_tok_s"],
             )
         else:
             ratios[f"serve_c{c}_vs_inprocess_generate_aggregate_tok_s"] = ratio(

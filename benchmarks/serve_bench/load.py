@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from .common import API_KEY, cpu_snapshot, decode_rate, stream_figures
+from .common import API_KEY, cpu_snapshot, cpu_split, decode_rate, stream_figures
 from .workload import REVIEWS, job_key
 
 
@@ -200,6 +200,7 @@ class GenCell:
                 if self.tokens and v > 0
             },
             **({"engine": self.engine} if self.engine else {}),
+            **cpu_split(self.cpu_s, self.engine, self.tokens),
         }
 
     def report_line(self, name: str) -> str:
@@ -245,6 +246,8 @@ def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float)
     lat = {k: v - before.get("latency_s", {}).get(k, 0)
            for k, v in after.get("latency_s", {}).items()}  # fmt: skip
     n = lat.get("requests", 0)
+    cpu0, cpu1 = before.get("thread_cpu_s"), after.get("thread_cpu_s")
+    cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return {
         # mean ms from the replica's submit to its prefill, and to its first token: TTFT
         # measured by the client minus this is what the hops and the client itself add
@@ -257,8 +260,10 @@ def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float)
         "seconds": {k: round(v, 3) for k, v in secs.items()},
         "busy_share": busy / wall_s if wall_s > 0 else None,
         "prefill_share_of_busy": secs.get("prefill", 0.0) / busy if busy > 0 else None,
-        # prompt tokens run, and reused from the prefix cache (by how many requests); forwards
-        # that ran newcomers packed into one row
+        # its thread's CPU seconds; below its busy time, it waited for a core or the GIL
+        "thread_cpu_s": cpu,
+        "on_cpu_share_of_busy": cpu / busy if cpu is not None and busy > 0 else None,
+        # prompt tokens run and reused from the prefix cache (by how many requests); packed rows
         **{k: after.get(k, 0) - before.get(k, 0)
            for k in ("prefill_tokens", "prefix_tokens", "prefix_hits", "packed_prefills")},
     }  # fmt: skip

@@ -243,6 +243,12 @@ def print_generator_table(gen: dict[str, Any]) -> None:
             if v >= 0.02
         )
         total = sum(r["cpu_ms_per_token"].values())
+        split = r.get("cpu_ms_per_token_split")
+        if split:  # the model's steps against everything else (transport, clients, Ray)
+            parts += (
+                f" (engine thread {split['engine_thread']:.2f}, everything else "
+                f"{split['everything_else']:.2f})"
+            )
         print(
             f"  {name} c={c}: finish {reasons}; CPU ms per token {total:.2f}: {parts}"
             + (f"; {'; '.join(extra)}" if extra else "")

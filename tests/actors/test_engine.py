@@ -226,6 +226,9 @@ def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
         # the engine thread's time is accounted: it prefilled, decoded and waited for work
         assert stats["seconds"]["prefill"] > 0 and stats["seconds"]["decode"] > 0, stats
         assert stats["seconds"]["idle"] >= 0, stats
+        # its thread's CPU time is read from outside it: some, and no more than it was busy
+        busy = stats["seconds"]["prefill"] + stats["seconds"]["decode"]
+        assert 0 < stats["thread_cpu_s"] <= busy + stats["seconds"]["idle"] + 0.05, stats
         # every request's wait for its prefill and for its first token is summed
         latency = stats["latency_s"]
         assert latency["requests"] == stats["submitted"], stats
