@@ -398,6 +398,10 @@ class ContinuousBatchingEngine:
         self._ids = itertools.count(1)
         self._closed = False
         self._thread: threading.Thread | None = None
+        # the engine thread's CPU clock while it runs, and its CPU seconds once it has ended
+        self._cpu_clock: int | None = None
+        self._cpu_final: float | None = None
+        self._cpu_clockless = False
         config = getattr(model, "config", None)
         self._seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self._start = _decoder_start(model) if self._seq2seq else None
@@ -569,18 +573,22 @@ class ContinuousBatchingEngine:
         }  # fmt: skip
 
     def _thread_cpu_s(self) -> float | None:
-        """CPU seconds of the engine thread so far (0.0 before it starts); None where the
-        platform has no per-thread CPU clock or the thread has ended. Read from the caller's
-        thread through the engine thread's clock, so the loop pays nothing for it."""
-        thread = self._thread
-        if thread is None:
+        """CPU seconds of the engine thread so far: 0.0 before it starts, its total once it
+        has ended, None where the platform has no per-thread CPU clock for another thread
+        (``time.pthread_getcpuclockid``: Linux and the BSDs, not macOS or Windows). Read
+        from the caller's thread through the clock the engine thread took when it started,
+        so the loop pays nothing for it."""
+        if self._cpu_final is not None:
+            return self._cpu_final
+        if self._thread is None:
             return 0.0
-        if thread.ident is None or not thread.is_alive():
-            return None
+        clock = self._cpu_clock
+        if clock is None:  # the thread is starting, or has no clock to read (then None)
+            return None if self._cpu_clockless else 0.0
         try:
-            return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-        except (AttributeError, OSError):  # no per-thread clocks here (not Linux/BSD/macOS)
-            return None
+            return time.clock_gettime(clock)
+        except OSError:  # the thread ended between the two reads: its total is set by now
+            return self._cpu_final
 
     @property
     def rows_per_request(self) -> int:
@@ -609,6 +617,17 @@ class ContinuousBatchingEngine:
 
     # ----- the loop -----------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._cpu_clock = time.pthread_getcpuclockid(threading.get_ident())
+        except (AttributeError, OSError):  # no per-thread CPU clocks on this platform
+            self._cpu_clockless = True
+        try:
+            self._steps()
+        finally:
+            self._cpu_final = time.thread_time()
+
+    def _steps(self) -> None:
+        """Admit, prefill, decode and deliver until closed (the engine thread's body)."""
         torch.set_grad_enabled(False)
         while True:
             events: list[tuple[Sink, str, Any]] = []

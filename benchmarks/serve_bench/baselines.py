@@ -140,7 +140,8 @@ class InProcess:
         self.plains: list[tuple[int, float]] = []
         self.widths = [c for c in GEN_CONCURRENCY if c > 1]
         self.batches: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
-        self.engined: dict[int, list[tuple[int, float]]] = {w: [] for w in self.widths}
+        # (tokens, wall seconds, the engine thread's CPU seconds) per closed loop
+        self.engined: dict[int, list[Loop]] = {w: [] for w in self.widths}
         self.engine_mismatches = 0
         # the mixed load on the engine in process (a PEFT base with both adapters, built once)
         self.model_dir, self.adapters = model_dir, adapters
@@ -149,7 +150,7 @@ class InProcess:
             for j in jobs
         ]
         self.multi: Any = None
-        self.mixed_engined: list[tuple[int, float]] = []
+        self.mixed_engined: list[Loop] = []
         self.reference: dict[tuple[str, str, int], dict[str, Any]] = {}
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -242,13 +243,13 @@ class InProcess:
         width = enc["input_ids"].shape[1]
         return sum(len(self._new_ids(out, width, r)) for r in range(len(batch))), seconds
 
-    def _engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
+    def _engine_loop(self, width: int, n_requests: int) -> Loop:
         """taskray's continuous-batching engine in this process, no Serve: ``width`` closed-loop
         clients (each submits its next prompt when its previous one is done) → tokens, s."""
         jobs: list[Job] = [(p, None, self.max_tokens) for p in self.prompts]
         return self._run_engine(self.model, jobs, width, n_requests)
 
-    def _mixed_engine_loop(self, width: int, n_requests: int) -> tuple[int, float]:
+    def _mixed_engine_loop(self, width: int, n_requests: int) -> Loop:
         """The mixed load's jobs (base and adapters, two lengths) on the engine in this
         process, over one base holding both adapters, as a Serve replica holds them: what
         that work costs without Serve."""
@@ -265,9 +266,10 @@ class InProcess:
         return self._run_engine(self.multi, self.mixed_jobs, width, n_requests)
 
     def _run_engine(self, model: Any, jobs: list[Job], width: int, n_requests: int
-                    ) -> tuple[int, float]:  # fmt: skip
+                    ) -> Loop:  # fmt: skip
         """``engine_closed_loop`` on a fresh engine over ``model``, each text checked against
-        the greedy reference."""
+        the greedy reference; with the engine thread's CPU seconds (which include the
+        closed loop's own callbacks, run on that thread: a little more than the model's)."""
         from actors.engine import ContinuousBatchingEngine
 
         def check(job: Job, text: str | None) -> None:
@@ -277,9 +279,10 @@ class InProcess:
 
         engine = ContinuousBatchingEngine(model, self.tok)
         try:
-            return engine_closed_loop(engine, jobs, width, n_requests, check)
+            tokens, seconds = engine_closed_loop(engine, jobs, width, n_requests, check)
         finally:
             engine.close()
+        return tokens, seconds, engine.stats()["thread_cpu_s"]
 
     def run(self, passes: int) -> None:
         """``passes`` times: each prompt streamed and plain, and one batch of each width (by
@@ -326,16 +329,19 @@ class InProcess:
                 "aggregate_tok_s": sum(n for n, _ in calls) / sum(s for _, s in calls),
             }
         for w, loops in self.engined.items():
+            cpu = [c for *_, c in loops]
             out[f"engine{w}"] = {
                 "loops": len(loops),
-                "aggregate_tok_s": sum(n for n, _ in loops) / sum(s for _, s in loops),
+                "aggregate_tok_s": sum(n for n, *_ in loops) / sum(s for _, s, _ in loops),
                 "text_mismatches": self.engine_mismatches,
-            }
+                "cpu_ms_per_token": None if None in cpu
+                else 1000.0 * sum(cpu) / sum(n for n, *_ in loops),
+            }  # fmt: skip
         if self.mixed_engined:
             runs = self.mixed_engined
             out[f"engine_mixed{MIXED_CONCURRENCY}"] = {
                 "loops": len(runs),
-                "aggregate_tok_s": sum(n for n, _ in runs) / sum(s for _, s in runs),
+                "aggregate_tok_s": sum(n for n, *_ in runs) / sum(s for _, s, _ in runs),
                 "text_mismatches": self.engine_mismatches,
             }
         return out
@@ -343,6 +349,8 @@ class InProcess:
 
 Job = tuple[str, str | None, int]
 """One engine request: (prompt, adapter or None, max new tokens)."""
+Loop = tuple[int, float, float | None]
+"""One closed loop on the engine: tokens, wall seconds, the engine thread's CPU seconds."""
 
 
 def engine_closed_loop(engine: Any, jobs: list[Job], width: int, n_requests: int,

@@ -260,7 +260,7 @@ def engine_figures(before: dict[str, Any], after: dict[str, Any], wall_s: float)
         "seconds": {k: round(v, 3) for k, v in secs.items()},
         "busy_share": busy / wall_s if wall_s > 0 else None,
         "prefill_share_of_busy": secs.get("prefill", 0.0) / busy if busy > 0 else None,
-        # its thread's CPU seconds; below its busy time, it waited for a core or the GIL
+        # its thread's CPU over its busy time: below 1, it waited for a core or the GIL
         "thread_cpu_s": cpu,
         "on_cpu_share_of_busy": cpu / busy if cpu is not None and busy > 0 else None,
         # prompt tokens run and reused from the prefix cache (by how many requests); packed rows

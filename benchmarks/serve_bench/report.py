@@ -81,12 +81,12 @@ def _chart_generator(gen: dict[str, Any], left: Any, right: Any) -> None:
         left.plot([c for c, v in zip(xs, engine, strict=True) if v is not None],
                   [v for v in engine if v is not None], "^:", color="#77a",
                   label="in-process engine, c clients (no Serve)")  # fmt: skip
-    # the most Serve could deliver at each cell's CPU cost outside the model (common.py)
-    bound = [(c, gen["ratios"].get(f"cpu_bound_c{c}_vs_inprocess_batch{c}")) for c in xs]
-    bound = [(c, r * static[xs.index(c)]) for c, r in bound if r is not None]
-    if bound:
-        left.plot(*zip(*bound, strict=True), "v-.", color="#c9a", ms=4,
-                  label="CPU bound for Serve here (all cores busy)")  # fmt: skip
+    # the most Serve could deliver at each cell's costs per token (common.cpu_ceiling_tok_s)
+    ceiling = [(c, gen["ratios"].get(f"cpu_ceiling_c{c}_vs_inprocess_batch{c}")) for c in xs]
+    ceiling = [(c, r * static[xs.index(c)]) for c, r in ceiling if r is not None]
+    if ceiling:
+        left.plot(*zip(*ceiling, strict=True), "v-.", color="#c9a", ms=4,
+                  label="CPU ceiling for Serve here (all cores busy)")  # fmt: skip
     mixed = gen.get("mixed")
     if mixed:
         c = mixed["concurrency"]
