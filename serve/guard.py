@@ -226,16 +226,21 @@ def make_api(args: AppArgs) -> FastAPI:
 
     @api.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        if _too_large(exc):
+        from ray.exceptions import RayActorError
+
+        from actors.engine import EngineOverloaded, RequestTooLarge
+
+        if _raised(exc, RequestTooLarge):
             # prompt + max_tokens (x the model's beams) past the generator's scheduler limits
             return error_response(413, _first_line(exc), "invalid_request")
-        if _overloaded(exc):
+        if _raised(exc, EngineOverloaded):
             # The generator's queue is full (scheduler.max_queued): back off and retry.
             response = error_response(503, _first_line(exc), "overloaded")
             response.headers["Retry-After"] = "1"
             return response
-        if _replica_lost(exc):
-            # The replica died (or is unreachable) while it held this request: nothing is
+        if _raised(exc, RayActorError):
+            # The replica died (or is unreachable) while it held this request (Ray's
+            # RayActorError family, raised as is or as a wrapper's cause): nothing is
             # wrong with the request, and Serve is replacing the replica — a retry succeeds.
             log.warning("a model replica was lost while answering: %s", _first_line(exc))
             response = error_response(
@@ -266,32 +271,10 @@ def load_api_key(args: AppArgs) -> str | None:
     return None
 
 
-def _replica_lost(err: BaseException) -> bool:
-    """Whether a request failed because the replica running it died or became unreachable
-    (Ray's ``RayActorError`` family), raised as is or as the cause of a Ray/Serve wrapper."""
-    from ray.exceptions import RayActorError
-
-    return any(
-        isinstance(e, RayActorError) for e in (err, getattr(err, "cause", None), err.__cause__)
-    )
-
-
-def _overloaded(err: BaseException) -> bool:
-    """Whether a generator refused the request because its queue is full."""
-    from actors.engine import EngineOverloaded
-
-    return any(
-        isinstance(e, EngineOverloaded) for e in (err, getattr(err, "cause", None), err.__cause__)
-    )
-
-
-def _too_large(err: BaseException) -> bool:
-    """Whether a generator refused the request as larger than its scheduler's limits."""
-    from actors.engine import RequestTooLarge
-
-    return any(
-        isinstance(e, RequestTooLarge) for e in (err, getattr(err, "cause", None), err.__cause__)
-    )
+def _raised(err: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``err`` is a ``kind``, raised as is or as the cause of a Ray/Serve wrapper
+    (Ray re-raises a replica's exception as a subclass that carries it as ``cause``)."""
+    return any(isinstance(e, kind) for e in (err, getattr(err, "cause", None), err.__cause__))
 
 
 def _first_line(err: BaseException) -> str:
