@@ -8,6 +8,7 @@ limits and a cancelled one frees all of them."""
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -89,11 +90,21 @@ def test_beam_search_equals_generate_alone_and_joined_mid_decode(kind):
 @pytest.mark.parametrize("early_stopping,length_penalty",
                          [(False, 1.0), (True, 0.5), ("never", 2.0)])  # fmt: skip
 def test_early_stopping_and_length_penalty_end_searches_as_generate_ends_them(
-    early_stopping, length_penalty
+    early_stopping, length_penalty, monkeypatch
 ):
     """Searches that end at different steps (an EOS, a stop string, the budget) under each
     ``early_stopping`` rule and a length penalty, together in one batch: each equals
-    ``generate``'s, and both finish reasons occur."""
+    ``generate``'s, both finish reasons occur, and the searches with the same stop strings
+    share one stop-string criterion (building one walks the vocabulary on the engine thread)."""
+    from transformers import StopStringCriteria
+
+    built, init = [], StopStringCriteria.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        built.append(threading.get_ident())
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StopStringCriteria, "__init__", counted)
     model, tok = _beam_model("t5", early_stopping=early_stopping, length_penalty=length_penalty)
     engine = ContinuousBatchingEngine(model, tok)
     try:
@@ -104,9 +115,11 @@ def test_early_stopping_and_length_penalty_end_searches_as_generate_ends_them(
             for prompt, params in jobs:
                 recorders.append(Recorder())
                 engine.submit(prompt, params, None, recorders[-1])
+        results = [recorder.result() for recorder in recorders]
+        assert len(built) == 1, built  # one for the len(PROMPTS) searches that stop at "e"
         reasons = set()
-        for (prompt, params), recorder in zip(jobs, recorders, strict=True):
-            done, want = recorder.result(), _static(model, tok, prompt, params)
+        for (prompt, params), done in zip(jobs, results, strict=True):
+            want = _static(model, tok, prompt, params)
             assert _same(done, want), (prompt, params, done, want)
             reasons.add(done.finish_reason)
         assert reasons == {"stop", "length"}
