@@ -219,6 +219,75 @@ def test_pieces_are_those_of_transformers_text_streamer(lm):
         engine.close()
 
 
+def test_running_text_is_decoded_token_by_token_and_still_joins_to_the_whole(monkeypatch):
+    """While a request runs, its text is decoded one new token at a time (the tokenizer's
+    ``DecodeStream``), not whole at every step (O(length²) on the engine thread): a request
+    costs one whole-text ``decode``, at its end; its pieces join to that text, which is
+    ``generate``'s ids decoded. A tokenizer whose ``decode`` cleans up spaces after the fact
+    (which a stream cannot) is decoded whole at every step instead, with the same results."""
+    model, tok = _llama()
+    calls = Counter()
+    decode = type(tok).decode
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> str:
+        calls[threading.current_thread().name] += 1
+        return decode(self, *args, **kwargs)
+
+    for clean_up in (False, True):
+        tok.clean_up_tokenization_spaces = clean_up
+        engine = ContinuousBatchingEngine(model, tok)  # its probe of the tokenizer runs here
+        monkeypatch.setattr(type(tok), "decode", counted)
+        calls.clear()
+        try:
+            for prompt in PROMPTS[:3]:
+                rec = Recorder()
+                engine.submit(prompt, SamplingParams(max_new_tokens=NEW), None, rec)
+                done = rec.result()
+                want = tok.decode(reference(model, tok, prompt), skip_special_tokens=True)
+                assert done.text == want == "".join(rec.pieces), (clean_up, prompt)
+        finally:
+            engine.close()
+            monkeypatch.undo()
+        on_engine = sum(n for name, n in calls.items() if name != "MainThread")
+        if clean_up:
+            assert on_engine >= 3 * (NEW - 1), calls
+        else:
+            assert on_engine == 3, calls
+
+
+def test_a_stream_that_disagrees_with_decode_is_dropped_for_whole_texts(caplog):
+    """If token-by-token decoding ever disagrees with the whole text's ``decode`` (a tokenizer
+    the engine's check let through), the completion still carries the whole text, the engine
+    says so once and decodes whole texts from then on."""
+    from tokenizers.decoders import DecodeStream
+
+    class Garbled:
+        """A streaming decoder that adds a character to every piece."""
+
+        def __init__(self, skip_special_tokens: bool) -> None:
+            self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+        def step(self, tokenizer: Any, ids: Any) -> str | None:
+            piece = self.stream.step(tokenizer, ids)
+            return None if piece is None else "#" + piece
+
+    model, tok = _llama()
+    engine = ContinuousBatchingEngine(model, tok)
+    engine._streaming = Garbled
+    try:
+        first = wait_result(engine, PROMPTS[0], SamplingParams(max_new_tokens=NEW))
+        assert engine._streaming is None
+        assert "decodes token by token differently" in caplog.text
+        second = Recorder()
+        engine.submit(PROMPTS[1], SamplingParams(max_new_tokens=NEW), None, second)
+        for prompt, done in ((PROMPTS[0], first), (PROMPTS[1], second.result())):
+            want = tok.decode(reference(model, tok, prompt), skip_special_tokens=True)
+            assert done.text == want and "#" not in want
+        assert "".join(second.pieces) == second.done.text
+    finally:
+        engine.close()
+
+
 def test_joins_mid_decode_keep_every_greedy_output_exact(lm):
     """Requests join a running batch at different steps (each one's first piece submits the
     next), with different lengths and a sampled neighbour; each greedy output still equals
