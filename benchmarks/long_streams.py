@@ -1,0 +1,167 @@
+"""Long completions in the continuous-batching engine, in process: what decoding each running
+sequence's text one token at a time saves against decoding it whole at every step, and how
+the engine keeps up with static batched ``generate`` as completions grow.
+
+    python benchmarks/long_streams.py            # ~1 minute on 2 cores
+    python benchmarks/long_streams.py --smoke    # seconds; what CI runs
+
+The model is the Serve benchmark's ``toy`` llama (2 layers, h=64, random weights), whose steps
+are cheap enough to show what the engine spends besides the model; one CPU thread, as a
+generator replica runs it. Per length (64, 256, 512 new tokens a request), 32 greedy requests
+(two waves' worth at 16 running sequences) go through the engine twice: with its default
+token-by-token decoding (tokenizers' ``DecodeStream``), and decoding every sequence's text whole
+at every step (what the engine did before; its cost grows with the square of the length).
+The same 32 prompts then run through ``model.generate`` in two batches of 16. Reported per
+length: tokens a second of each (the best of ``--passes``) and the ratios.
+
+Both engine runs must produce the same texts, each equal to its ids decoded whole; any
+difference makes the script exit 1. Writes benchmarks/results/long_streams[-smoke].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors.engine import ContinuousBatchingEngine, EngineLimits
+from actors.generation import Completion, SamplingParams
+from benchmarks.serve_bench.generator import build_tiny_lm
+from benchmarks.serve_bench.workload import GEN_MODELS, REVIEWS
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WIDTH = 16  # running sequences
+
+
+def prompts(n: int) -> list[str]:
+    """``n`` short prompts that ask for a long answer."""
+    return [f"Reply to review #{i} at length: {REVIEWS[i % len(REVIEWS)]}" for i in range(n)]
+
+
+def run_engine(model: Any, tok: Any, texts: list[str], tokens: int, whole: bool
+               ) -> tuple[float, list[Completion]]:  # fmt: skip
+    """Every prompt through one engine at once (``whole``: texts decoded whole at every step)
+    → (tokens a second, the completions)."""
+    engine = ContinuousBatchingEngine(model, tok, EngineLimits(max_running=WIDTH))
+    if whole:
+        engine._streaming = None  # the engine's fallback for tokenizers it cannot stream
+    done = [threading.Event() for _ in texts]
+    out: list[Any] = [None] * len(texts)
+
+    def sink(i: int) -> Any:
+        def receive(kind: str, payload: Any) -> None:
+            if kind in ("done", "error"):
+                out[i] = payload
+                done[i].set()
+
+        return receive
+
+    try:
+        start = time.perf_counter()
+        with engine.lock:
+            for i, text in enumerate(texts):
+                engine.submit(text, SamplingParams(max_new_tokens=tokens), None, sink(i))
+        for event in done:
+            if not event.wait(600):
+                raise TimeoutError("the engine did not finish in 600 s")
+        seconds = time.perf_counter() - start
+    finally:
+        engine.close()
+    errors = [x for x in out if isinstance(x, Exception)]
+    if errors:
+        raise errors[0]
+    return sum(c.completion_tokens for c in out) / seconds, out
+
+
+def run_generate(model: Any, tok: Any, texts: list[str], tokens: int) -> float:
+    """The prompts through ``model.generate`` in left-padded batches of ``WIDTH`` → tokens a
+    second (tokens up to each row's EOS, as the engine counts them)."""
+    tok.padding_side = "left"
+    generated = 0
+    start = time.perf_counter()
+    for i in range(0, len(texts), WIDTH):
+        enc = tok(texts[i : i + WIDTH], return_tensors="pt", padding=True,
+                  add_special_tokens=False)  # fmt: skip
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)  # fmt: skip
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            ended = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+            generated += ended
+    return generated / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """The command line: every length, the table, the JSON, the equality check."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="short lengths, one pass; seconds")
+    parser.add_argument("--passes", type=int, default=3, help="measurements per cell (best)")
+    args = parser.parse_args()
+    lengths = (16, 48) if args.smoke else (64, 256, 512)
+    passes = 1 if args.smoke else args.passes
+    count = 2 * WIDTH
+    torch.set_num_threads(1)  # as a generator replica with num_cpus < 2 runs
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_lm(Path(tmp) / "lm", "toy")
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        tok = AutoTokenizer.from_pretrained(path)
+    texts = prompts(count)
+    print(f"long_streams: toy llama, {count} greedy requests, {WIDTH} running, 1 thread, "
+          f"best of {passes}")  # fmt: skip
+    print(f"{'tokens':>7} {'engine tok/s':>13} {'whole-decode':>13} {'generate':>9} "
+          f"{'engine/whole':>13} {'engine/generate':>16}")  # fmt: skip
+    run_engine(model, tok, texts[:WIDTH], lengths[0], whole=False)  # warm-up, not measured
+    run_generate(model, tok, texts[:WIDTH], lengths[0])
+    cells: dict[str, Any] = {}
+    differing = 0
+    for tokens in lengths:
+        best: dict[str, float] = {"engine": 0.0, "whole_decode": 0.0, "generate": 0.0}
+        for _ in range(passes):
+            rate, streamed = run_engine(model, tok, texts, tokens, whole=False)
+            best["engine"] = max(best["engine"], rate)
+            rate, whole = run_engine(model, tok, texts, tokens, whole=True)
+            best["whole_decode"] = max(best["whole_decode"], rate)
+            best["generate"] = max(best["generate"], run_generate(model, tok, texts, tokens))
+            for a, b in zip(streamed, whole, strict=True):
+                decoded = tok.decode(a.token_ids, skip_special_tokens=True)
+                differing += a.text != b.text or a.token_ids != b.token_ids or a.text != decoded
+        cell = {f"{k}_tok_s": v for k, v in best.items()}
+        cell["engine_vs_whole_decode"] = best["engine"] / best["whole_decode"]
+        cell["engine_vs_generate"] = best["engine"] / best["generate"]
+        cell["whole_decode_vs_generate"] = best["whole_decode"] / best["generate"]
+        cells[str(tokens)] = cell
+        print(f"{tokens:>7} {best['engine']:>13.0f} {best['whole_decode']:>13.0f} "
+              f"{best['generate']:>9.0f} {cell['engine_vs_whole_decode']:>12.2f}x "
+              f"{cell['engine_vs_generate']:>15.2f}x", flush=True)  # fmt: skip
+    print(f"completions differing between the two decodings or from their ids: {differing}")
+    report = {
+        "model": f"tiny:llama config with {GEN_MODELS['toy']}, random weights (seed 0)",
+        "requests": count,
+        "running": WIDTH,
+        "torch_threads": 1,
+        "passes": passes,
+        "cells": cells,
+        "text_mismatches": differing,
+        "smoke": args.smoke,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out_path = RESULTS / f"long_streams{'-smoke' if args.smoke else ''}.json"
+    out_path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out_path}")
+    if differing:
+        sys.exit(f"{differing} completion(s) differ")
+
+
+if __name__ == "__main__":
+    main()
