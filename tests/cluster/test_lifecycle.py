@@ -2,8 +2,9 @@
 
 SIGTERM during a streamed request drains (the stream ends normally, new requests get 503),
 the command exits 0 and leaves none of the Ray processes it started; a new server starts on
-the same port right after; `--stop` against a cluster address that does not answer gives up
-within its bound with one line.
+the same port right after, and Ctrl-C (SIGINT) past its grace period cuts a stream and still
+exits 0; `--stop` against a cluster address that does not answer gives up within its bound
+with one line.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class Server:
             [sys.executable, "-m", "cluster.cli", "serve", str(config), "--num-cpus", "2",
              "--grace-period", str(grace_s)],
             cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+            # as at a terminal: a child of a shell's background job starts with SIGINT ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
 
     def text(self) -> str:
@@ -188,7 +191,7 @@ def test_sigterm_drains_a_stream_exits_0_and_a_new_server_starts_at_once(tmp_pat
         first.stop()
 
     # Start right after stop, on the same port: ready and answering. This one has a 1 s grace
-    # period: SIGTERM during a long stream cuts it after that second and still exits 0.
+    # period: Ctrl-C (SIGINT) during a long stream cuts it after that second and still exits 0.
     second = Server(config, port, tmp_path / "second.log", ray_tmp, grace_s=1)
     try:
         second.wait_for("to stop", 240)
@@ -201,10 +204,11 @@ def test_sigterm_drains_a_stream_exits_0_and_a_new_server_starts_at_once(tmp_pat
         started = second.ray_processes()
         reader, out = _streaming(second.url)
         t_signal = time.monotonic()
-        second.proc.send_signal(signal.SIGTERM)
+        second.proc.send_signal(signal.SIGINT)
         assert second.proc.wait(timeout=120) == 0, second.text()[-3000:]
-        print(f"second server (1 s grace): SIGTERM -> exit 0 in {time.monotonic() - t_signal:.1f}s")
+        print(f"second server (1 s grace): SIGINT -> exit 0 in {time.monotonic() - t_signal:.1f}s")
         reader.join(timeout=30)
+        assert "[taskray] SIGINT: shutting down" in second.text()
         assert "grace period over with 1 request(s) still in flight" in second.text()
         assert "error" in out or out["events"][-1] != "[DONE]", out  # cut, not finished
         assert _left_after(started) == []
