@@ -1451,7 +1451,9 @@ class ContinuousBatchingEngine:
                 continue
             seq.ids.append(token)
             text = self._text(seq)
-            if seq.params.stop and trim_at_stop(text, seq.params.stop)[1]:
+            # a held-back piece may hold (the start of) a stop string: look in the whole text
+            if seq.params.stop and trim_at_stop(self._decoded(seq) if seq.held else text,
+                                                seq.params.stop)[1]:  # fmt: skip
                 self._finish(seq, "stop", trim_at_stop(self._decoded(seq), seq.params.stop)[0],
                              events)  # fmt: skip
                 continue
@@ -1472,6 +1474,7 @@ class ContinuousBatchingEngine:
         the new ids are decoded (tokenizers' ``DecodeStream``, which keeps the few ids before
         them that a byte-level or metaspace decoder needs to place spaces and bytes)."""
         if self._streaming is None:
+            seq.held = False  # ``_emit`` waits on a whole text that ends inside a character
             return self._decoded(seq)
         if seq.stream is None:
             seq.stream = self._streaming(skip_special_tokens=True)
@@ -1534,23 +1537,28 @@ class ContinuousBatchingEngine:
 def _stream_decoder(tokenizer: Any) -> Any:
     """tokenizers' ``DecodeStream`` class, where decoding ``tokenizer``'s ids one at a time
     gives what its ``decode`` gives (minus a character whose bytes are not all there yet): a
-    fast tokenizer whose ``decode`` adds no clean-up of its own. Checked on a sample of mixed
-    text and of every id, decoded both ways after each id. None otherwise."""
+    fast tokenizer whose ``decode`` does nothing of its own on top (a clean-up of spaces, say).
+    Checked on a sample of mixed text and of every id, decoded both ways after each id. None
+    otherwise."""
     try:
         from tokenizers.decoders import DecodeStream
     except ImportError:  # tokenizers < 0.21
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    if backend is None:
         return None
-    sample = "Hello, world!\n  Ünïcödé 日本語 🙂\tx = (1 + 2);  done. \n\nNext"
+    # spaces before punctuation and contractions, which a clean-up of spaces would remove
+    sample = "Hello , world !\n  Ünïcödé 日本語 🙂\tx = (1 + 2) ; it 's done . I 'm n't ?\n\nNext"
     try:
         ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+        whole = len(ids)
         ids += list(range(0, len(tokenizer), max(1, len(tokenizer) // 200)))
         stream, text = DecodeStream(skip_special_tokens=True), ""
         for n, token in enumerate(ids, 1):
             text += stream.step(backend, token) or ""
-            if not tokenizer.decode(ids[:n], skip_special_tokens=True).startswith(text):
+            decoded = tokenizer.decode(ids[:n], skip_special_tokens=True)
+            # a prefix of the whole text, and all of it once the sample's characters are
+            if not decoded.startswith(text) or (n == whole and decoded != text):
                 return None
     except Exception:  # a decoder the stream cannot drive: decode whole texts
         return None

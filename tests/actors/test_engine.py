@@ -219,24 +219,26 @@ def test_pieces_are_those_of_transformers_text_streamer(lm):
         engine.close()
 
 
-def test_running_text_is_decoded_token_by_token_and_still_joins_to_the_whole(monkeypatch):
+def test_running_text_is_decoded_token_by_token_and_still_joins_to_the_whole():
     """While a request runs, its text is decoded one new token at a time (the tokenizer's
     ``DecodeStream``), not whole at every step (O(length²) on the engine thread): a request
     costs one whole-text ``decode``, at its end; its pieces join to that text, which is
-    ``generate``'s ids decoded. A tokenizer whose ``decode`` cleans up spaces after the fact
-    (which a stream cannot) is decoded whole at every step instead, with the same results."""
+    ``generate``'s ids decoded. A tokenizer whose ``decode`` does more than its streaming
+    decoder (here a clean-up of spaces before full stops) is decoded whole at every step
+    instead, with the same results."""
     model, tok = _llama()
-    calls = Counter()
-    decode = type(tok).decode
+    plain = tok.decode
+    for cleaned in (False, True):
+        calls = Counter()
 
-    def counted(self: Any, *args: Any, **kwargs: Any) -> str:
-        calls[threading.current_thread().name] += 1
-        return decode(self, *args, **kwargs)
+        def decode(*args: Any, cleaned: bool = cleaned, calls: Counter = calls,
+                   **kwargs: Any) -> str:  # fmt: skip
+            calls[threading.current_thread().name] += 1
+            text = plain(*args, **kwargs)
+            return text.replace(" .", ".") if cleaned else text
 
-    for clean_up in (False, True):
-        tok.clean_up_tokenization_spaces = clean_up
-        engine = ContinuousBatchingEngine(model, tok)  # its probe of the tokenizer runs here
-        monkeypatch.setattr(type(tok), "decode", counted)
+        tok.decode = decode
+        engine = ContinuousBatchingEngine(model, tok)  # its check of the tokenizer runs here
         calls.clear()
         try:
             for prompt in PROMPTS[:3]:
@@ -244,15 +246,53 @@ def test_running_text_is_decoded_token_by_token_and_still_joins_to_the_whole(mon
                 engine.submit(prompt, SamplingParams(max_new_tokens=NEW), None, rec)
                 done = rec.result()
                 want = tok.decode(reference(model, tok, prompt), skip_special_tokens=True)
-                assert done.text == want == "".join(rec.pieces), (clean_up, prompt)
+                assert done.text == want == "".join(rec.pieces), (cleaned, prompt)
         finally:
             engine.close()
-            monkeypatch.undo()
         on_engine = sum(n for name, n in calls.items() if name != "MainThread")
-        if clean_up:
+        if cleaned:
             assert on_engine >= 3 * (NEW - 1), calls
         else:
             assert on_engine == 3, calls
+
+
+def test_a_stop_string_in_a_held_back_piece_ends_the_request_where_whole_texts_would():
+    """A token that ends inside a character is held back from the running text until the
+    character is complete; a stop string in that piece still ends the request at that token
+    and is cut from its text, as decoding whole texts does (the engine's path for tokenizers
+    it cannot stream, the reference here): same tokens, text and finish reason, and no part
+    of the stop string streamed. The tokens are scripted, to place that piece."""
+    model, tok = _llama()
+    body = tok(" The quick brown fox", add_special_tokens=False)["input_ids"]
+    # a token that ends inside a character after a space, and one that completes it
+    held = next(i for i in range(len(tok))
+                if re.fullmatch(r" [^\ufffd]*\ufffd", tok.decode([i])))  # fmt: skip
+    done_char = next(i for i in range(len(tok)) if "\ufffd" not in tok.decode([held, i]))
+    eos = tok.eos_token_id
+    cases = [  # (tokens the model picks, max_new_tokens)
+        ([*body, held], len(body) + 1),  # the budget ends at the held piece
+        ([*body, held, eos], 50),  # EOS right after it
+        ([*body, held, done_char, *body], 50),  # the character completed after it
+        ([*body, done_char, held, done_char], len(body) + 3),  # no stop string
+    ]
+    for script, budget in cases:
+        got = []
+        for streaming in (True, False):
+            engine = ContinuousBatchingEngine(model, tok)
+            if not streaming:
+                engine._streaming = None
+            picks = iter(script)
+            engine._choose = lambda seqs, logits, picks=picks: [next(picks) for _ in seqs]
+            rec = Recorder()
+            try:
+                engine.submit("Hello", SamplingParams(max_new_tokens=budget, stop=("fox ",)),
+                              None, rec)  # fmt: skip
+                done = rec.result()
+            finally:
+                engine.close()
+            assert "".join(rec.pieces) == done.text and "fox " not in done.text
+            got.append((done.text, done.finish_reason, done.completion_tokens, done.token_ids))
+        assert got[0] == got[1], (script, got)
 
 
 def test_a_stream_that_disagrees_with_decode_is_dropped_for_whole_texts(caplog):
