@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -62,7 +63,7 @@ import os
 import threading
 import time
 import unicodedata
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -425,8 +426,9 @@ class ContinuousBatchingEngine:
         # A beam search's stop-string criterion, per set of stop strings. Building one walks
         # the whole vocabulary (~30 ms for 30k tokens even on transformers' own cache hit, and
         # ~200 ms on a miss) on the engine thread, where it stalls every running stream; the
-        # criterion keeps no state between calls, so searches with the same stops share one.
-        self._stop_criteria: OrderedDict[tuple[str, ...], Any] = OrderedDict()
+        # criterion keeps no state between calls, so searches with the same stops share one
+        # (the most recently used 32 sets).
+        self._stop_criterion = functools.lru_cache(maxsize=32)(self._new_stop_criterion)
         # The running text of each sequence, decoded one token at a time where the tokenizer's
         # own streaming decoder matches its ``decode`` (``_stream_decoder``): decoding every
         # sequence's whole text at every step costs O(length²) (at 2k tokens and 64 streams,
@@ -1424,18 +1426,12 @@ class ContinuousBatchingEngine:
         seq.beams = BeamSearch(base, config, processors, stopping, head, seq.rng, self._device())
         seq.rows = [seq]
 
-    def _stop_criterion(self, stops: tuple[str, ...]) -> Any:
+    def _new_stop_criterion(self, stops: tuple[str, ...]) -> Any:
         """transformers' ``StopStringCriteria`` for ``stops``: the one ``generate`` builds
-        for them, made once and kept for the most recently used 32 sets."""
+        for them (``_stop_criterion`` keeps them)."""
         from transformers import StopStringCriteria
 
-        criterion = self._stop_criteria.pop(stops, None)
-        if criterion is None:
-            criterion = StopStringCriteria(self.tokenizer, list(stops))
-        self._stop_criteria[stops] = criterion
-        while len(self._stop_criteria) > 32:
-            self._stop_criteria.popitem(last=False)
-        return criterion
+        return StopStringCriteria(self.tokenizer, list(stops))
 
     def _advance_rows(
         self, seqs: Sequence[_Seq], logits: torch.Tensor, events: list[tuple[Sink, str, Any]]
