@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.engine import ContinuousBatchingEngine, EngineLimits
-from actors.generation import Completion, SamplingParams
+from actors.generation import Completion
+from benchmarks.prefill import run_burst
 from benchmarks.serve_bench.generator import build_tiny_lm
 from benchmarks.serve_bench.workload import REVIEWS
 
@@ -55,35 +55,15 @@ def run_engine(model: Any, tok: Any, texts: list[str], tokens: int, whole: bool
     engine = ContinuousBatchingEngine(model, tok, EngineLimits(max_running=WIDTH))
     if whole:
         engine._streaming = None  # the engine's fallback for tokenizers it cannot stream
-    done = [threading.Event() for _ in texts]
-    out: list[Any] = [None] * len(texts)
-    pieces: list[list[str]] = [[] for _ in texts]
-
-    def sink(i: int) -> Any:
-        def receive(kind: str, payload: Any) -> None:
-            if kind == "text":
-                pieces[i].append(payload)
-            elif kind in ("done", "error"):
-                out[i] = payload
-                done[i].set()
-
-        return receive
-
     try:
         start = time.perf_counter()
-        with engine.lock:
-            for i, text in enumerate(texts):
-                engine.submit(text, SamplingParams(max_new_tokens=tokens), None, sink(i))
-        for event in done:
-            if not event.wait(600):
-                raise TimeoutError("the engine did not finish in 600 s")
+        done = run_burst(engine, texts, tokens)
         seconds = time.perf_counter() - start
     finally:
         engine.close()
-    errors = [x for x in out if isinstance(x, Exception)]
-    if errors:
-        raise errors[0]
-    return sum(c.completion_tokens for c in out) / seconds, out, ["".join(p) for p in pieces]
+    completions = [c for c, _ in done]
+    return (sum(c.completion_tokens for c in completions) / seconds, completions,
+            [joined for _, joined in done])  # fmt: skip
 
 
 def run_generate(model: Any, tok: Any, texts: list[str], tokens: int) -> float:

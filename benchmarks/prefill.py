@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.engine import ContinuousBatchingEngine, EngineLimits
-from actors.generation import SamplingParams
+from actors.generation import Completion, SamplingParams
 from benchmarks.serve_bench.generator import build_tiny_lm
 from benchmarks.serve_bench.workload import GEN_MODELS, REVIEWS
 
@@ -62,14 +62,19 @@ def workload(name: str, width: int, burst: int) -> list[str]:
     return texts if name == "varied" else [SYSTEM + t for t in texts]
 
 
-def run_burst(engine: ContinuousBatchingEngine, prompts: list[str], tokens: int) -> list[list[int]]:
-    """Submit every prompt while the engine waits for its lock; their generated ids."""
+def run_burst(engine: ContinuousBatchingEngine, prompts: list[str], tokens: int
+              ) -> list[tuple[Completion, str]]:  # fmt: skip
+    """Submit every prompt while the engine waits for its lock (greedy, ``tokens`` new tokens
+    each) → each one's completion and its streamed pieces joined."""
     done = [threading.Event() for _ in prompts]
     out: list[Any] = [None] * len(prompts)
+    pieces: list[list[str]] = [[] for _ in prompts]
 
     def sink(i: int) -> Any:
         def receive(kind: str, payload: Any) -> None:
-            if kind in ("done", "error"):
+            if kind == "text":
+                pieces[i].append(payload)
+            elif kind in ("done", "error"):
                 out[i] = payload
                 done[i].set()
 
@@ -84,7 +89,7 @@ def run_burst(engine: ContinuousBatchingEngine, prompts: list[str], tokens: int)
     errors = [x for x in out if isinstance(x, Exception)]
     if errors:
         raise errors[0]
-    return [x.token_ids for x in out]
+    return [(x, "".join(p)) for x, p in zip(out, pieces, strict=True)]
 
 
 def measure(model: Any, tok: Any, setting: str, name: str, width: int, bursts: int,
@@ -99,7 +104,8 @@ def measure(model: Any, tok: Any, setting: str, name: str, width: int, bursts: i
         before = engine.stats()
         for burst in range(bursts):
             prompts = workload(name, width, burst)
-            ids.update(zip(prompts, run_burst(engine, prompts, tokens), strict=True))
+            done = run_burst(engine, prompts, tokens)
+            ids.update(zip(prompts, (c.token_ids for c, _ in done), strict=True))
         after = engine.stats()
     finally:
         engine.close()
