@@ -13,8 +13,9 @@ itself: a new request is prefilled (with other newcomers, left-padded), its cach
 padded to the running width and concatenated; a finished or cancelled request's rows are
 dropped and leading all-padding columns trimmed. ``position_ids`` are each sequence's own and
 rotary/absolute embeddings are applied before caching, so padding never shifts a position; the
-2D attention mask hides the padding. The result is the same computation ``generate`` does for a
-left-padded batch.
+2D attention mask hides the padding (under SDPA a decode step is handed the mask transformers
+would build from it, where a check at start shows the model takes it: ``_decode_mask``). The
+result is the same computation ``generate`` does for a left-padded batch.
 
 An encoder-decoder keeps an ``EncoderDecoderCache``: its decoder self-attention rows are joined
 and trimmed like a causal LM's, its cross-attention rows, encoder states and encoder mask are
@@ -487,6 +488,12 @@ class ContinuousBatchingEngine:
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        # A decode step's mask, handed over as transformers would build it (``_decode_mask``)
+        # where a check shows the model takes it so; None: not yet known after a join or a drop.
+        self._ready_masks = self._packable and _takes_ready_masks(
+            self._base(), self._cache_arg, self._device()
+        )
+        self._mask_full: bool | None = None
         self.counters: Counter[str] = Counter()
         self.prefill_sizes: Counter[int] = Counter()
         self.decode_sizes: Counter[int] = Counter()
@@ -1082,6 +1089,7 @@ class ContinuousBatchingEngine:
     ) -> None:  # fmt: skip
         """Append new cache rows to the running batch: decoder sides left-padded to the wider
         one, encoder sides (``encoded``: states and mask) right-padded."""
+        self._mask_full = None
         if self._cache is None or self._mask is None or self._mask.shape[0] == 0:
             self._cache, self._mask = cache, mask
             self._enc_out, self._enc_mask = encoded if encoded is not None else (None, None)
@@ -1131,7 +1139,8 @@ class ContinuousBatchingEngine:
         else:
             positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long,
                                      device=device)  # fmt: skip
-            inputs = {"input_ids": tokens, "attention_mask": self._mask, "position_ids": positions}
+            inputs = {"input_ids": tokens, "attention_mask": self._decode_mask(),
+                      "position_ids": positions}  # fmt: skip
         if self._row_positions is not None:
             self._row_positions.rows = [s.position for s in seqs]
         try:
@@ -1141,6 +1150,22 @@ class ContinuousBatchingEngine:
                 self._row_positions.rows = None
         self.decode_sizes[len(seqs)] += 1
         self._advance(seqs, logits, events)
+
+    def _decode_mask(self) -> torch.Tensor | None:
+        """A causal decode step's attention mask: the 2D padding mask, or, where the model
+        takes it ready-made (``_takes_ready_masks``), what transformers' ``create_causal_mask``
+        would build from it under SDPA, without building it at every step (~19% of a toy
+        llama's decode forward on CPU): a decoding token may attend every column its row has,
+        so the mask is the padding mask as (rows, 1, 1, columns) booleans, or None where no row
+        has padding (SDPA then picks its fastest kernel). Whether any row has padding changes
+        only when rows join or leave (a step adds a column every row attends), so it is read
+        then, not at every step (on a GPU each read waits for the device)."""
+        assert self._mask is not None
+        if not self._ready_masks:
+            return self._mask
+        if self._mask_full is None:
+            self._mask_full = bool(self._mask.all())
+        return None if self._mask_full else self._mask.bool()[:, None, None, :]
 
     def _drop(self, events: list[tuple[Sink, str, Any]]) -> None:
         """Remove finished and cancelled rows from the batch and trim the padding no row
@@ -1199,7 +1224,7 @@ class ContinuousBatchingEngine:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
             return
-        self._mask = self._mask.index_select(0, index)
+        self._mask, self._mask_full = self._mask.index_select(0, index), None
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
         self._mask = self._mask[:, start:]
@@ -1217,7 +1242,7 @@ class ContinuousBatchingEngine:
                 layer.values = layer.values.index_select(0, index)[:, :, :end]
 
     def _reset_cache(self) -> None:
-        self._cache, self._mask = None, None
+        self._cache, self._mask, self._mask_full = None, None, None
         self._enc_out, self._enc_mask = None, None
 
     # ----- tokens → text ------------------------------------------------------------------------
@@ -1578,6 +1603,42 @@ def _plain_attention(config: Any) -> bool:
         "jais",
     )
     return not alibi
+
+
+def _takes_ready_masks(model: Any, cache_arg: str, device: torch.device) -> bool:
+    """Whether a causal SDPA model's decode step may be given its mask as
+    ``ContinuousBatchingEngine._decode_mask`` builds it instead of the 2D padding mask. Checked
+    on the model, not assumed (a forward that reads a 4D mask otherwise, as transformers' older
+    float-mask code did, or that uses the 2D mask for more than the attention mask, fails it):
+    one decode step of a padded and of an unpadded pair of rows, each both ways, must give the
+    same logits. A few tokens' forwards, once."""
+    from transformers import DynamicCache
+
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        ids = (torch.arange(6, device=device).view(2, 3) * 7 + 1) % vocab
+        step = (torch.tensor([[9], [10]], device=device)) % vocab
+        ones = torch.ones((2, 4), dtype=torch.long, device=device)
+        padded = ones.clone()
+        padded[0, 0] = 0
+        same = True
+        with torch.inference_mode():
+            for mask, ready in ((padded, padded.bool()[:, None, None, :]), (ones, None)):
+                positions = (mask.cumsum(1) - 1).clamp(min=0)
+                cache = DynamicCache()
+                model(input_ids=ids, attention_mask=mask[:, :3], position_ids=positions[:, :3],
+                      use_cache=True, **{cache_arg: cache})  # fmt: skip
+                logits = []
+                for given in (mask, ready):
+                    out = model(input_ids=step, attention_mask=given, position_ids=positions[:, 3:],
+                                use_cache=True, **{cache_arg: cache})  # fmt: skip
+                    cache.crop(-1)
+                    logits.append(out.logits[:, -1].float())
+                same = same and torch.allclose(*logits, rtol=1e-4, atol=1e-5)
+        return bool(same)
+    except Exception as err:  # a forward that refuses a 4D mask, a cache it cannot crop
+        log.debug("decode masks stay 2D for this model: %s", err)
+        return False
 
 
 def _decoder_start(model: Any) -> int:

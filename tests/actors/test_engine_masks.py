@@ -1,0 +1,99 @@
+"""The continuous-batching engine's decode masks (no Ray): where a causal SDPA model takes them
+ready-made, every decode step's mask equals what transformers' ``create_causal_mask`` builds
+from the engine's 2D padding mask (None without padding, booleans over the padded columns
+otherwise) while rows join and leave, and greedy output still equals ``generate``; a model the
+start-up check finds reading 4D masks otherwise (eager attention) keeps 2D masks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from actors.engine import ContinuousBatchingEngine, _takes_ready_masks
+from actors.generation import SamplingParams
+from tests.actors.test_engine import NEW, PROMPTS, Recorder, _gpt2, _llama, reference
+
+
+def _watch_decode_masks(engine: ContinuousBatchingEngine) -> tuple[list[tuple[Any, Any]], Any]:
+    """Record each decode step's (mask handed to the model, mask transformers builds from the
+    engine's 2D mask for that step) → (the pairs, the hook's handle)."""
+    from transformers.masking_utils import create_causal_mask
+
+    model = engine._base()
+    seen: list[tuple[Any, Any]] = []
+
+    def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get(engine._cache_arg)
+        if cache is None or cache is not engine._cache:  # a prefill (its own cache)
+            return
+        ids = kwargs["input_ids"]
+        assert engine._mask is not None
+        embeds = torch.zeros((ids.shape[0], 1, model.config.hidden_size))
+        built = create_causal_mask(
+            config=model.config, inputs_embeds=embeds, attention_mask=engine._mask, cache=cache,
+            position_ids=kwargs["position_ids"],
+        )  # fmt: skip
+        seen.append((kwargs.get("attention_mask"), built))
+
+    return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _run_watched(model: Any, tok: Any, lengths: list[int]) -> tuple[bool, list[tuple[Any, Any]]]:
+    """Greedy requests through a new engine, each submitted when the previous one streams its
+    first piece (rows of different widths join mid-decode; shorter budgets leave first), each
+    output checked against ``generate`` alone → (whether the engine took ready masks, every
+    decode step's (mask handed to the model, mask transformers builds))."""
+    engine = ContinuousBatchingEngine(model, tok)
+    seen, handle = _watch_decode_masks(engine)
+    recorders: list[Recorder] = []
+
+    def chain(i: int) -> Any:
+        def submit() -> None:
+            rec = Recorder(on_first=chain(i + 1) if i + 1 < len(lengths) else None)
+            recorders.append(rec)
+            engine.submit(PROMPTS[i], SamplingParams(max_new_tokens=lengths[i]), None, rec)
+
+        return submit
+
+    try:
+        chain(0)()
+        deadline = time.monotonic() + 120
+        while len(recorders) < len(lengths) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(recorders) == len(lengths), "not every request was submitted in time"
+        for i, rec in enumerate(recorders):
+            ids = rec.result().token_ids
+            assert ids == reference(model, tok, PROMPTS[i], lengths[i])[: len(ids)], PROMPTS[i]
+    finally:
+        handle.remove()
+        engine.close()
+    return engine._ready_masks, seen
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decode_masks_equal_what_transformers_builds_and_output_stays_exact(kind):
+    model, tok = (_llama if kind == "llama" else _gpt2)()
+    ready, seen = _run_watched(model, tok, [NEW, 6, NEW, 12, 3, NEW])
+    assert ready, "a causal SDPA model should take ready decode masks"
+    padded = [given for given, built in seen if built is not None]
+    assert len(seen) >= NEW and padded and len(padded) < len(seen), "both kinds of step ran"
+    for given, built in seen:
+        if built is None:
+            assert given is None
+        else:
+            assert given is not None and given.dtype == torch.bool
+            assert given.shape == built.shape and torch.equal(given, built)
+
+
+def test_a_model_that_reads_4d_masks_otherwise_keeps_2d_masks_and_stays_exact():
+    """Eager attention adds a 4D mask to its scores as numbers: a boolean one changes its
+    logits, so the start-up check refuses it and every decode step gets the 2D mask."""
+    model, tok = _llama()
+    model.set_attn_implementation("eager")
+    assert not _takes_ready_masks(model, "cache", torch.device("cpu"))
+    ready, seen = _run_watched(model, tok, [NEW, 6, NEW])
+    assert not ready
+    assert seen and all(given is not None and given.dim() == 2 for given, _ in seen)
