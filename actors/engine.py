@@ -490,9 +490,13 @@ class ContinuousBatchingEngine:
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
         # A decode step's mask, handed over as transformers would build it (``_decode_mask``)
         # where a check shows the model takes it so; None: not yet known after a join or a drop.
-        self._ready_masks = self._packable and _takes_ready_masks(
-            self._base(), self._cache_arg, self._device()
+        refusal = (
+            _ready_mask_refusal(self._base(), self._cache_arg, self._device())
+            if self._packable
+            else "not a plain-attention SDPA causal LM"
         )
+        self._ready_masks = refusal is None
+        log.info("engine: decode masks %s", "ready-made" if refusal is None else f"2D ({refusal})")
         self._mask_full: bool | None = None
         self.counters: Counter[str] = Counter()
         self.prefill_sizes: Counter[int] = Counter()
@@ -574,7 +578,9 @@ class ContinuousBatchingEngine:
         """Queue and batch figures (``running`` (rows: a beam search runs one per beam),
         ``running_requests`` and ``waiting`` are live counts;
         ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
-        columns; ``seconds``: the engine thread's time prefilling, decoding and idle so far;
+        columns; ``ready_masks``: whether decode steps hand the model its mask ready-made
+        (``_decode_mask``); ``seconds``: the engine thread's time prefilling, decoding and idle
+        so far;
         ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
         to its prefill and to its first token (a beam search's first step; its text goes out
         when the search ends); ``thread_cpu_s``: the CPU seconds the engine thread has used,
@@ -592,6 +598,7 @@ class ContinuousBatchingEngine:
             "reserved_tokens": reserved,
             "cache_width": 0 if mask is None else int(mask.shape[1]),
             "encoder_width": 0 if enc_mask is None else int(enc_mask.shape[1]),
+            "ready_masks": self._ready_masks,
             "prefill_batch_sizes": dict(self.prefill_sizes),
             "decode_batch_sizes": dict(self.decode_sizes),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
@@ -1153,7 +1160,7 @@ class ContinuousBatchingEngine:
 
     def _decode_mask(self) -> torch.Tensor | None:
         """A causal decode step's attention mask: the 2D padding mask, or, where the model
-        takes it ready-made (``_takes_ready_masks``), what transformers' ``create_causal_mask``
+        takes it ready-made (``_ready_mask_refusal``), what transformers' ``create_causal_mask``
         would build from it under SDPA, without building it at every step (~19% of a toy
         llama's decode forward on CPU): a decoding token may attend every column its row has,
         so the mask is the padding mask as (rows, 1, 1, columns) booleans, or None where no row
@@ -1605,15 +1612,20 @@ def _plain_attention(config: Any) -> bool:
     return not alibi
 
 
-def _takes_ready_masks(model: Any, cache_arg: str, device: torch.device) -> bool:
-    """Whether a causal SDPA model's decode step may be given its mask as
-    ``ContinuousBatchingEngine._decode_mask`` builds it instead of the 2D padding mask. Checked
-    on the model, not assumed (a forward that reads a 4D mask otherwise, as transformers' older
-    float-mask code did, or that uses the 2D mask for more than the attention mask, fails it):
-    one decode step of a padded and of an unpadded pair of rows, each both ways, must give the
-    same logits. A few tokens' forwards, once."""
+def _ready_mask_refusal(model: Any, cache_arg: str, device: torch.device) -> str | None:
+    """Why a causal SDPA model's decode step may not be given its mask as
+    ``ContinuousBatchingEngine._decode_mask`` builds it instead of the 2D padding mask, or None
+    where it may. Checked on the model, not assumed (a forward that reads a 4D mask otherwise,
+    as transformers' older float-mask code did, or that uses the 2D mask for more than the
+    attention mask, fails it): one decode step of a padded and of an unpadded pair of rows,
+    each both ways, must give the same logits. A few tokens' forwards, once. Only transformers'
+    own model classes: a remote-code model may window its attention under a setting of its
+    own, which four tokens would not show and a ready mask would skip."""
     from transformers import DynamicCache
 
+    module = type(model).__module__
+    if not module.startswith("transformers."):
+        return f"{module} is not one of transformers' own models"
     try:
         vocab = int(model.get_input_embeddings().num_embeddings)
         ids = (torch.arange(6, device=device).view(2, 3) * 7 + 1) % vocab
@@ -1621,7 +1633,6 @@ def _takes_ready_masks(model: Any, cache_arg: str, device: torch.device) -> bool
         ones = torch.ones((2, 4), dtype=torch.long, device=device)
         padded = ones.clone()
         padded[0, 0] = 0
-        same = True
         with torch.inference_mode():
             for mask, ready in ((padded, padded.bool()[:, None, None, :]), (ones, None)):
                 positions = (mask.cumsum(1) - 1).clamp(min=0)
@@ -1634,11 +1645,12 @@ def _takes_ready_masks(model: Any, cache_arg: str, device: torch.device) -> bool
                                 use_cache=True, **{cache_arg: cache})  # fmt: skip
                     cache.crop(-1)
                     logits.append(out.logits[:, -1].float())
-                same = same and torch.allclose(*logits, rtol=1e-4, atol=1e-5)
-        return bool(same)
+                if not torch.allclose(*logits, rtol=1e-4, atol=1e-5):
+                    kind = "padded" if ready is not None else "unpadded"
+                    return f"its logits differ with a ready mask ({kind} rows)"
     except Exception as err:  # a forward that refuses a 4D mask, a cache it cannot crop
-        log.debug("decode masks stay 2D for this model: %s", err)
-        return False
+        return f"a decode step with a ready mask failed: {type(err).__name__}: {err}"
+    return None
 
 
 def _decoder_start(model: Any) -> int:

@@ -1,18 +1,21 @@
 """The continuous-batching engine's decode masks (no Ray): where a causal SDPA model takes them
 ready-made, every decode step's mask equals what transformers' ``create_causal_mask`` builds
 from the engine's 2D padding mask (None without padding, booleans over the padded columns
-otherwise) while rows join and leave, and greedy output still equals ``generate``; a model the
-start-up check finds reading 4D masks otherwise (eager attention) keeps 2D masks."""
+otherwise) while rows join and leave, and greedy output still equals ``generate``; the start-up
+check refuses models that read 4D masks otherwise (eager attention) and classes of their own,
+and a refused model keeps 2D masks."""
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any
 
 import pytest
 import torch
 
-from actors.engine import ContinuousBatchingEngine, _takes_ready_masks
+import actors.engine as engine_module
+from actors.engine import ContinuousBatchingEngine, _ready_mask_refusal
 from actors.generation import SamplingParams
 from tests.actors.test_engine import NEW, PROMPTS, Recorder, _gpt2, _llama, reference
 
@@ -32,10 +35,10 @@ def _watch_decode_masks(engine: ContinuousBatchingEngine) -> tuple[list[tuple[An
         ids = kwargs["input_ids"]
         assert engine._mask is not None
         embeds = torch.zeros((ids.shape[0], 1, model.config.hidden_size))
+        # positional: transformers 5.25 renamed its cache argument
         built = create_causal_mask(
-            config=model.config, inputs_embeds=embeds, attention_mask=engine._mask, cache=cache,
-            position_ids=kwargs["position_ids"],
-        )  # fmt: skip
+            model.config, embeds, engine._mask, cache, kwargs["position_ids"]
+        )
         seen.append((kwargs.get("attention_mask"), built))
 
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -88,12 +91,30 @@ def test_decode_masks_equal_what_transformers_builds_and_output_stays_exact(kind
             assert given.shape == built.shape and torch.equal(given, built)
 
 
-def test_a_model_that_reads_4d_masks_otherwise_keeps_2d_masks_and_stays_exact():
+def test_the_start_up_check_refuses_eager_attention_and_remote_code_models():
     """Eager attention adds a 4D mask to its scores as numbers: a boolean one changes its
-    logits, so the start-up check refuses it and every decode step gets the 2D mask."""
-    model, tok = _llama()
+    logits. A model class of its own (remote code) may window its attention under a setting
+    the check cannot see. The same llama under SDPA passes."""
+    from transformers import LlamaForCausalLM
+
+    model, _ = _llama()
+    arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cpu = torch.device("cpu")
+    assert _ready_mask_refusal(model, arg, cpu) is None
     model.set_attn_implementation("eager")
-    assert not _takes_ready_masks(model, "cache", torch.device("cpu"))
+    assert "logits differ" in (_ready_mask_refusal(model, arg, cpu) or "")
+    model.set_attn_implementation("sdpa")
+
+    class Remote(LlamaForCausalLM):
+        pass
+
+    remote = Remote(model.config).eval()
+    assert "not one of transformers' own" in (_ready_mask_refusal(remote, arg, cpu) or "")
+
+
+def test_a_refused_model_gets_2d_masks_and_stays_exact(monkeypatch):
+    model, tok = _llama()
+    monkeypatch.setattr(engine_module, "_ready_mask_refusal", lambda *_: "refused by the test")
     ready, seen = _run_watched(model, tok, [NEW, 6, NEW])
     assert not ready
     assert seen and all(given is not None and given.dim() == 2 for given, _ in seen)
