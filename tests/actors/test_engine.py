@@ -873,3 +873,19 @@ def test_a_failing_prompt_fails_alone_and_position_limit_ends_with_length():
         assert long.finish_reason == "stop" or n + long.completion_tokens == 64 + 1
     finally:
         engine.close()
+
+
+def test_a_model_without_adapters_never_imports_peft(monkeypatch):
+    """Importing peft takes 0.1-2 s: a replica without adapters must not spend it on its
+    engine thread, where the first requests would wait for it."""
+    import sys
+
+    model, tok = _llama()
+    monkeypatch.delitem(sys.modules, "peft", raising=False)
+    engine = ContinuousBatchingEngine(model, tok)
+    try:
+        done = wait_result(engine, PROMPTS[0], SamplingParams(max_new_tokens=4))
+    finally:
+        engine.close()
+    assert done.completion_tokens > 0
+    assert "peft" not in sys.modules
