@@ -13,8 +13,8 @@ itself: a new request is prefilled (with other newcomers, left-padded), its cach
 padded to the running width and concatenated; a finished or cancelled request's rows are
 dropped and leading all-padding columns trimmed. ``position_ids`` are each sequence's own and
 rotary/absolute embeddings are applied before caching, so padding never shifts a position; the
-2D attention mask hides the padding (under SDPA a decode step is handed the mask transformers
-would build from it, where a check at start shows the model takes it: ``_decode_mask``). The
+2D attention mask hides the padding (under SDPA a decode step is handed the masks transformers
+would build from the 2D ones, where a check at start shows the model takes them: ``_ready``). The
 result is the same computation ``generate`` does for a left-padded batch.
 
 An encoder-decoder keeps an ``EncoderDecoderCache``: its decoder self-attention rows are joined
@@ -489,16 +489,17 @@ class ContinuousBatchingEngine:
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
-        # A decode step's mask, handed over as transformers would build it (``_decode_mask``)
-        # where a check shows the model takes it so; None: not yet known after a join or a drop.
+        # A decode step's masks, handed over as transformers would build them (``_ready``)
+        # where a check shows the model takes them so.
         refusal = (
-            _ready_mask_refusal(self._base(), self._cache_arg, self._device())
-            if self._packable
-            else "not a plain-attention SDPA causal LM"
+            _ready_mask_refusal(self._base(), self._cache_arg, self._device(), self._start)
+            if impl == "sdpa" and _plain_attention(config)
+            else "not plain attention under SDPA"
         )
         self._ready_masks = refusal is None
         log.info("engine: decode masks %s", "ready-made" if refusal is None else f"2D ({refusal})")
-        self._mask_full: bool | None = None
+        # (no decoder row has padding, the encoder mask ready-made); None after a join or drop
+        self._ready_state: tuple[bool, torch.Tensor | None] | None = None
         self.counters: Counter[str] = Counter()
         self.prefill_sizes: Counter[int] = Counter()
         self.decode_sizes: Counter[int] = Counter()
@@ -579,8 +580,8 @@ class ContinuousBatchingEngine:
         """Queue and batch figures (``running`` (rows: a beam search runs one per beam),
         ``running_requests`` and ``waiting`` are live counts;
         ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
-        columns; ``ready_masks``: whether decode steps hand the model its mask ready-made
-        (``_decode_mask``); ``seconds``: the engine thread's time prefilling, decoding and idle
+        columns; ``ready_masks``: whether decode steps hand the model its masks ready-made
+        (``_ready``); ``seconds``: the engine thread's time prefilling, decoding and idle
         so far;
         ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
         to its prefill and to its first token (a beam search's first step; its text goes out
@@ -1099,7 +1100,7 @@ class ContinuousBatchingEngine:
     ) -> None:  # fmt: skip
         """Append new cache rows to the running batch: decoder sides left-padded to the wider
         one, encoder sides (``encoded``: states and mask) right-padded."""
-        self._mask_full = None
+        self._ready_state = None
         if self._cache is None or self._mask is None or self._mask.shape[0] == 0:
             self._cache, self._mask = cache, mask
             self._enc_out, self._enc_mask = encoded if encoded is not None else (None, None)
@@ -1140,17 +1141,18 @@ class ContinuousBatchingEngine:
         if self._seq2seq:
             from transformers.modeling_outputs import BaseModelOutput
 
+            masks = self._ready() if self._ready_masks else (self._mask, self._enc_mask)
             inputs: dict[str, Any] = {
                 "encoder_outputs": BaseModelOutput(last_hidden_state=self._enc_out),
-                "attention_mask": self._enc_mask,
+                "attention_mask": masks[1],
                 "decoder_input_ids": tokens,
-                "decoder_attention_mask": self._mask,
+                "decoder_attention_mask": masks[0],
             }
         else:
             positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long,
                                      device=device)  # fmt: skip
-            inputs = {"input_ids": tokens, "attention_mask": self._decode_mask(),
-                      "position_ids": positions}  # fmt: skip
+            mask = self._ready()[0] if self._ready_masks else self._mask
+            inputs = {"input_ids": tokens, "attention_mask": mask, "position_ids": positions}
         if self._row_positions is not None:
             self._row_positions.rows = [s.position for s in seqs]
         try:
@@ -1161,21 +1163,24 @@ class ContinuousBatchingEngine:
         self.decode_sizes[len(seqs)] += 1
         self._advance(seqs, logits, events)
 
-    def _decode_mask(self) -> torch.Tensor | None:
-        """A causal decode step's attention mask: the 2D padding mask, or, where the model
-        takes it ready-made (``_ready_mask_refusal``), what transformers' ``create_causal_mask``
-        would build from it under SDPA, without building it at every step (~19% of a toy
-        llama's decode forward on CPU): a decoding token may attend every column its row has,
-        so the mask is the padding mask as (rows, 1, 1, columns) booleans, or None where no row
-        has padding (SDPA then picks its fastest kernel). Whether any row has padding changes
-        only when rows join or leave (a step adds a column every row attends), so it is read
-        then, not at every step (on a GPU each read waits for the device)."""
+    def _ready(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode step's (decoder mask, encoder mask) as transformers' ``create_causal_mask``
+        and ``create_bidirectional_mask`` would build them under SDPA from the 2D masks, for
+        a model that takes them ready-made (``_ready_mask_refusal``), without building them at
+        every step (~19% of a toy llama's decode forward on CPU, ~12% of a toy BART's). A
+        decoding token may attend every column its row has, and every encoder position its
+        prompt has: each mask is its padding as (rows, 1, 1, columns) booleans, or None where
+        no row has padding (SDPA then picks its fastest kernel). Both change only when rows
+        join or leave (a step adds a decoder column every row attends), so they are read then,
+        not at every step (on a GPU each read waits for the device)."""
         assert self._mask is not None
-        if not self._ready_masks:
-            return self._mask
-        if self._mask_full is None:
-            self._mask_full = bool(self._mask.all())
-        return None if self._mask_full else self._mask.bool()[:, None, None, :]
+        if self._ready_state is None:
+            encoder = None
+            if self._enc_mask is not None and not bool(self._enc_mask.all()):
+                encoder = self._enc_mask.bool()[:, None, None, :]
+            self._ready_state = (bool(self._mask.all()), encoder)
+        full, encoder = self._ready_state
+        return (None if full else self._mask.bool()[:, None, None, :]), encoder
 
     def _drop(self, events: list[tuple[Sink, str, Any]]) -> None:
         """Remove finished and cancelled rows from the batch and trim the padding no row
@@ -1234,7 +1239,7 @@ class ContinuousBatchingEngine:
                 layer.keys = layer.keys.index_select(0, index)
                 layer.values = layer.values.index_select(0, index)
             return
-        self._mask, self._mask_full = self._mask.index_select(0, index), None
+        self._mask, self._ready_state = self._mask.index_select(0, index), None
         used = self._mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() else 0
         self._mask = self._mask[:, start:]
@@ -1252,7 +1257,7 @@ class ContinuousBatchingEngine:
                 layer.values = layer.values.index_select(0, index)[:, :, :end]
 
     def _reset_cache(self) -> None:
-        self._cache, self._mask, self._mask_full = None, None, None
+        self._cache, self._mask, self._ready_state = None, None, None
         self._enc_out, self._enc_mask = None, None
 
     # ----- tokens → text ------------------------------------------------------------------------
@@ -1615,20 +1620,29 @@ def _plain_attention(config: Any) -> bool:
     return not alibi
 
 
-def _ready_mask_refusal(model: Any, cache_arg: str, device: torch.device) -> str | None:
-    """Why a causal SDPA model's decode step may not be given its mask as
-    ``ContinuousBatchingEngine._decode_mask`` builds it instead of the 2D padding mask, or None
-    where it may. Checked on the model, not assumed (a forward that reads a 4D mask otherwise,
-    as transformers' older float-mask code did, or that uses the 2D mask for more than the
-    attention mask, fails it): one decode step of a padded and of an unpadded pair of rows,
-    each both ways, must give the same logits. A few tokens' forwards, once. Only transformers'
-    own model classes: a remote-code model may window its attention under a setting of its
-    own, which four tokens would not show and a ready mask would skip."""
-    from transformers import DynamicCache
+def _ready_mask_refusal(
+    model: Any, cache_arg: str, device: torch.device, start: int | None = None
+) -> str | None:
+    """Why an SDPA model's decode steps may not be given their masks as
+    ``ContinuousBatchingEngine._ready`` builds them instead of the 2D padding masks, or None
+    where they may (``start``: an encoder-decoder's decoder start token; None for a causal
+    LM). Checked on the model, not assumed (a forward that reads a 4D mask otherwise, as
+    transformers' older float-mask code did, or that uses a 2D mask for more than the
+    attention mask, fails it): one decode step of a padded and of an unpadded pair of rows
+    (an encoder-decoder's prompts padded with them), each both ways, must give the same
+    logits. A few tokens' forwards, once. Only transformers' own model classes: a remote-code
+    model may window its attention under a setting of its own, which four tokens would not
+    show and a ready mask would skip."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    from transformers.modeling_outputs import BaseModelOutput
 
     module = type(model).__module__
     if not module.startswith("transformers."):
         return f"{module} is not one of transformers' own models"
+
+    def ready(mask: torch.Tensor) -> torch.Tensor | None:
+        return None if bool(mask.all()) else mask.bool()[:, None, None, :]
+
     try:
         vocab = int(model.get_input_embeddings().num_embeddings)
         ids = (torch.arange(6, device=device).view(2, 3) * 7 + 1) % vocab
@@ -1637,22 +1651,39 @@ def _ready_mask_refusal(model: Any, cache_arg: str, device: torch.device) -> str
         padded = ones.clone()
         padded[0, 0] = 0
         with torch.inference_mode():
-            for mask, ready in ((padded, padded.bool()[:, None, None, :]), (ones, None)):
-                positions = (mask.cumsum(1) - 1).clamp(min=0)
-                cache = DynamicCache()
-                model(input_ids=ids, attention_mask=mask[:, :3], position_ids=positions[:, :3],
-                      use_cache=True, **{cache_arg: cache})  # fmt: skip
+            for mask in (padded, ones):
                 logits = []
-                for given in (mask, ready):
-                    out = model(input_ids=step, attention_mask=given, position_ids=positions[:, 3:],
-                                use_cache=True, **{cache_arg: cache})  # fmt: skip
-                    cache.crop(-1)
-                    logits.append(out.logits[:, -1].float())
+                if start is None:
+                    positions = (mask.cumsum(1) - 1).clamp(min=0)
+                    cache: Any = DynamicCache()
+                    model(input_ids=ids, attention_mask=mask[:, :3],
+                          position_ids=positions[:, :3], use_cache=True,
+                          **{cache_arg: cache})  # fmt: skip
+                    for given in (mask, ready(mask)):
+                        out = model(input_ids=step, attention_mask=given,
+                                    position_ids=positions[:, 3:], use_cache=True,
+                                    **{cache_arg: cache})  # fmt: skip
+                        cache.crop(-1)
+                        logits.append(out.logits[:, -1].float())
+                else:  # the prompts right-padded as the engine pads them, the decoder left
+                    prompts = mask[:, :3].flip(1)
+                    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+                    first = model(input_ids=ids, attention_mask=prompts,
+                                  decoder_input_ids=ids.clone().fill_(start),
+                                  decoder_attention_mask=mask[:, :3], use_cache=True,
+                                  **{cache_arg: cache})  # fmt: skip
+                    encoded = BaseModelOutput(last_hidden_state=first.encoder_last_hidden_state)
+                    for decoder, encoder in ((mask, prompts), (ready(mask), ready(prompts))):
+                        out = model(encoder_outputs=encoded, attention_mask=encoder,
+                                    decoder_input_ids=step, decoder_attention_mask=decoder,
+                                    use_cache=True, **{cache_arg: cache})  # fmt: skip
+                        cache.crop(-1)
+                        logits.append(out.logits[:, -1].float())
                 if not torch.allclose(*logits, rtol=1e-4, atol=1e-5):
-                    kind = "padded" if ready is not None else "unpadded"
-                    return f"its logits differ with a ready mask ({kind} rows)"
+                    kind = "padded" if not bool(mask.all()) else "unpadded"
+                    return f"its logits differ with ready masks ({kind} rows)"
     except Exception as err:  # a forward that refuses a 4D mask, a cache it cannot crop
-        return f"a decode step with a ready mask failed: {type(err).__name__}: {err}"
+        return f"a decode step with ready masks failed: {type(err).__name__}: {err}"
     return None
 
 

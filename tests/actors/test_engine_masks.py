@@ -1,9 +1,10 @@
-"""The continuous-batching engine's decode masks (no Ray): where a causal SDPA model takes them
-ready-made, every decode step's mask equals what transformers' ``create_causal_mask`` builds
-from the engine's 2D padding mask (None without padding, booleans over the padded columns
-otherwise) while rows join and leave, and greedy output still equals ``generate``; the start-up
-check refuses models that read 4D masks otherwise (eager attention) and classes of their own,
-and a refused model keeps 2D masks."""
+"""The continuous-batching engine's decode masks (no Ray): where an SDPA model takes them
+ready-made (causal LMs and encoder-decoders), every decode step's masks equal what
+transformers' ``create_causal_mask`` and ``create_bidirectional_mask`` build from the engine's
+2D padding masks (None without padding, booleans over the padded columns otherwise) while rows
+join and leave, and greedy output still equals ``generate``; the start-up check refuses models
+that read 4D masks otherwise (eager attention) and classes of their own, and a refused model
+keeps 2D masks."""
 
 from __future__ import annotations
 
@@ -17,34 +18,46 @@ import torch
 import actors.engine as engine_module
 from actors.engine import ContinuousBatchingEngine, _ready_mask_refusal
 from actors.generation import SamplingParams
-from tests.actors.test_engine import NEW, PROMPTS, Recorder, _gpt2, _llama, reference
+from tests.actors.test_engine import NEW, PROMPTS, Recorder, _gpt2, _llama, _seq2seq, reference
 
 
-def _watch_decode_masks(engine: ContinuousBatchingEngine) -> tuple[list[tuple[Any, Any]], Any]:
-    """Record each decode step's (mask handed to the model, mask transformers builds from the
-    engine's 2D mask for that step) → (the pairs, the hook's handle)."""
-    from transformers.masking_utils import create_causal_mask
+def _watch_decode_masks(engine: ContinuousBatchingEngine) -> tuple[list[tuple[str, Any, Any]], Any]:
+    """Record each decode step's ("decoder" or "encoder", mask handed to the model, mask
+    transformers builds from the engine's 2D mask for that step) → (those, the hook's
+    handle)."""
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
     model = engine._base()
-    seen: list[tuple[Any, Any]] = []
+    seen: list[tuple[str, Any, Any]] = []
 
     def hook(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
         cache = kwargs.get(engine._cache_arg)
         if cache is None or cache is not engine._cache:  # a prefill (its own cache)
             return
-        ids = kwargs["input_ids"]
         assert engine._mask is not None
-        embeds = torch.zeros((ids.shape[0], 1, model.config.hidden_size))
-        # positional: transformers 5.25 renamed its cache argument
+        rows = engine._mask.shape[0]
+        if engine._seq2seq:
+            config = model.get_decoder().config
+            embeds = torch.zeros((rows, 1, config.d_model))
+            # positional: transformers 5.25 renamed its cache argument
+            built = create_causal_mask(config, embeds, engine._mask, cache.self_attention_cache)
+            seen.append(("decoder", kwargs.get("decoder_attention_mask"), built))
+            encoded = kwargs["encoder_outputs"].last_hidden_state
+            built = create_bidirectional_mask(config, embeds, engine._enc_mask, encoded)
+            seen.append(("encoder", kwargs.get("attention_mask"), built))
+            return
+        embeds = torch.zeros((rows, 1, model.config.hidden_size))
         built = create_causal_mask(
             model.config, embeds, engine._mask, cache, kwargs["position_ids"]
         )
-        seen.append((kwargs.get("attention_mask"), built))
+        seen.append(("decoder", kwargs.get("attention_mask"), built))
 
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def _run_watched(model: Any, tok: Any, lengths: list[int]) -> tuple[bool, list[tuple[Any, Any]]]:
+def _run_watched(
+    model: Any, tok: Any, lengths: list[int]
+) -> tuple[bool, list[tuple[str, Any, Any]]]:
     """Greedy requests through a new engine, each submitted when the previous one streams its
     first piece (rows of different widths join mid-decode; shorter budgets leave first), each
     output checked against ``generate`` alone → (whether the engine took ready masks, every
@@ -76,14 +89,19 @@ def _run_watched(model: Any, tok: Any, lengths: list[int]) -> tuple[bool, list[t
     return engine._ready_masks, seen
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5", "bart"])
 def test_decode_masks_equal_what_transformers_builds_and_output_stays_exact(kind):
-    model, tok = (_llama if kind == "llama" else _gpt2)()
+    builders = {"llama": _llama, "gpt2": _gpt2, "t5": _seq2seq,
+                "bart": lambda: _seq2seq("bart", position_scale=10.0)}  # fmt: skip
+    model, tok = builders[kind]()
     ready, seen = _run_watched(model, tok, [NEW, 6, NEW, 12, 3, NEW])
-    assert ready, "a causal SDPA model should take ready decode masks"
-    padded = [given for given, built in seen if built is not None]
-    assert len(seen) >= NEW and padded and len(padded) < len(seen), "both kinds of step ran"
-    for given, built in seen:
+    assert ready, "an SDPA model should take ready decode masks"
+    sides = ["decoder", "encoder"] if model.config.is_encoder_decoder else ["decoder"]
+    for side in sides:  # steps with padding and steps without ran, on each side
+        built = [b for s, _, b in seen if s == side]
+        assert len(built) >= NEW and any(b is None for b in built), side
+        assert any(b is not None for b in built), side
+    for _, given, built in seen:
         if built is None:
             assert given is None
         else:
@@ -117,4 +135,4 @@ def test_a_refused_model_gets_2d_masks_and_stays_exact(monkeypatch):
     monkeypatch.setattr(engine_module, "_ready_mask_refusal", lambda *_: "refused by the test")
     ready, seen = _run_watched(model, tok, [NEW, 6, NEW])
     assert not ready
-    assert seen and all(given is not None and given.dim() == 2 for given, _ in seen)
+    assert seen and all(given is not None and given.dim() == 2 for _, given, _ in seen)
