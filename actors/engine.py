@@ -1170,7 +1170,9 @@ class ContinuousBatchingEngine:
         every step (~19% of a toy llama's decode forward on CPU, ~12% of a toy BART's). A
         decoding token may attend every column its row has, and every encoder position its
         prompt has: each mask is its padding as (rows, 1, 1, columns) booleans, or None where
-        no row has padding (SDPA then picks its fastest kernel). Both change only when rows
+        no row has padding (SDPA then picks its fastest kernel; a BART-family decoder given no
+        mask makes one of ones and has transformers find it unpadded, as it would have from
+        the 2D mask: those steps save nothing, and no more). Both change only when rows
         join or leave (a step adds a decoder column every row attends), so they are read then,
         not at every step (on a GPU each read waits for the device)."""
         assert self._mask is not None
