@@ -55,3 +55,21 @@ def test_validate_batch_reports_reasons_and_splits_stably():
     again = validate_batch(batch, spec, split_fraction=0.5, split_seed=3)
     assert list(out["_split"]) == list(again["_split"])
     assert json.loads(out["_labels"][0]) == ["Positive"]
+
+
+def test_the_split_is_the_same_wherever_the_data_lies():
+    """A copy of the data in another directory (another node's mount, a CI clone) splits the
+    same rows the same way; another seed splits them otherwise."""
+    spec = get_task("classification", labels=["Negative", "Positive"]).spec()
+    rows = 200
+    raws = np.array(['{"text": "good", "label": "Positive"}'] * rows, dtype=object)
+
+    def split(path: str, seed: int = 3) -> list[str]:
+        batch = {"_path": np.array([path] * rows, dtype=object), "_row": np.arange(1, rows + 1),
+                 "_raw": raws}  # fmt: skip
+        return list(validate_batch(batch, spec, split_fraction=0.2, split_seed=seed)["_split"])
+
+    here = split("/work/main/data/sentiment/train.jsonl")
+    assert here == split("/tmp/ci/data/sentiment/train.jsonl")
+    assert here != split("/work/main/data/sentiment/train.jsonl", seed=4)
+    assert 20 <= here.count("validation") <= 60
