@@ -14,8 +14,9 @@ padded to the running width and concatenated; a finished or cancelled request's 
 dropped and leading all-padding columns trimmed. ``position_ids`` are each sequence's own and
 rotary/absolute embeddings are applied before caching, so padding never shifts a position; the
 2D attention mask hides the padding (under SDPA a decode step is handed the masks transformers
-would build from the 2D ones, where a check at start shows the model takes them: ``_ready``). The
-result is the same computation ``generate`` does for a left-padded batch.
+would build from the 2D ones, where a check at start shows the model takes them:
+``_decode_masks``). The result is the same computation ``generate`` does for a left-padded
+batch.
 
 An encoder-decoder keeps an ``EncoderDecoderCache``: its decoder self-attention rows are joined
 and trimmed like a causal LM's, its cross-attention rows, encoder states and encoder mask are
@@ -489,7 +490,8 @@ class ContinuousBatchingEngine:
         self._keep_logits = "logits_to_keep" in accepted
         # transformers 5.25 renamed the forward's cache argument; earlier 5.x take the old name.
         self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
-        # A decode step's masks, handed over as transformers would build them (``_ready``)
+        # A decode step's masks, handed over as transformers would build them
+        # (``_decode_masks``)
         # where a check shows the model takes them so.
         refusal = (
             _ready_mask_refusal(self._base(), self._cache_arg, self._device(), self._start)
@@ -498,7 +500,7 @@ class ContinuousBatchingEngine:
         )
         self._ready_masks = refusal is None
         log.info("engine: decode masks %s", "ready-made" if refusal is None else f"2D ({refusal})")
-        # (no decoder row has padding, the encoder mask ready-made); None after a join or drop
+        # (a decoder row has padding, the encoder mask ready-made); None after a join or drop
         self._ready_state: tuple[bool, torch.Tensor | None] | None = None
         self.counters: Counter[str] = Counter()
         self.prefill_sizes: Counter[int] = Counter()
@@ -581,7 +583,7 @@ class ContinuousBatchingEngine:
         ``running_requests`` and ``waiting`` are live counts;
         ``cache_width`` and ``encoder_width``: the running batch's decoder and encoder cache
         columns; ``ready_masks``: whether decode steps hand the model its masks ready-made
-        (``_ready``); ``seconds``: the engine thread's time prefilling, decoding and idle
+        (``_decode_masks``); ``seconds``: the engine thread's time prefilling, decoding and idle
         so far;
         ``latency_s``: over ``requests`` prefilled, the summed seconds each waited from submit
         to its prefill and to its first token (a beam search's first step; its text goes out
@@ -1138,21 +1140,21 @@ class ContinuousBatchingEngine:
         device = self._device()
         tokens = torch.tensor([[s.last] for s in seqs], dtype=torch.long, device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(seqs), 1))], dim=1)
+        decoder_mask, encoder_mask = self._decode_masks()
         if self._seq2seq:
             from transformers.modeling_outputs import BaseModelOutput
 
-            masks = self._ready() if self._ready_masks else (self._mask, self._enc_mask)
             inputs: dict[str, Any] = {
                 "encoder_outputs": BaseModelOutput(last_hidden_state=self._enc_out),
-                "attention_mask": masks[1],
+                "attention_mask": encoder_mask,
                 "decoder_input_ids": tokens,
-                "decoder_attention_mask": masks[0],
+                "decoder_attention_mask": decoder_mask,
             }
         else:
             positions = torch.tensor([[s.position] for s in seqs], dtype=torch.long,
                                      device=device)  # fmt: skip
-            mask = self._ready()[0] if self._ready_masks else self._mask
-            inputs = {"input_ids": tokens, "attention_mask": mask, "position_ids": positions}
+            inputs = {"input_ids": tokens, "attention_mask": decoder_mask,
+                      "position_ids": positions}  # fmt: skip
         if self._row_positions is not None:
             self._row_positions.rows = [s.position for s in seqs]
         try:
@@ -1163,26 +1165,27 @@ class ContinuousBatchingEngine:
         self.decode_sizes[len(seqs)] += 1
         self._advance(seqs, logits, events)
 
-    def _ready(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """A decode step's (decoder mask, encoder mask) as transformers' ``create_causal_mask``
-        and ``create_bidirectional_mask`` would build them under SDPA from the 2D masks, for
-        a model that takes them ready-made (``_ready_mask_refusal``), without building them at
-        every step (~19% of a toy llama's decode forward on CPU, ~12% of a toy BART's). A
-        decoding token may attend every column its row has, and every encoder position its
-        prompt has: each mask is its padding as (rows, 1, 1, columns) booleans, or None where
-        no row has padding (SDPA then picks its fastest kernel; a BART-family decoder given no
-        mask makes one of ones and has transformers find it unpadded, as it would have from
-        the 2D mask: those steps save nothing, and no more). Both change only when rows
-        join or leave (a step adds a decoder column every row attends), so they are read then,
+    def _decode_masks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """A decode step's (decoder mask, encoder mask): the 2D masks, or for a model that
+        takes them ready-made (``_ready_mask_refusal``) what transformers'
+        ``create_causal_mask`` and ``create_bidirectional_mask`` would build from them under
+        SDPA (``_ready_mask``), without building them at every step (~19% of a toy llama's
+        decode forward on CPU, ~12% of a toy BART's). A decoding token may attend every
+        column its row has, and every encoder position its prompt has: each mask is its
+        padding as (rows, 1, 1, columns) booleans, or None where no row has padding (SDPA
+        then picks its fastest kernel; a BART-family decoder given no mask makes one of ones
+        and has transformers find it unpadded, as it would have from the 2D mask: those steps
+        save nothing, and no more). Whether rows have padding changes only when rows join or
+        leave (a step adds a decoder column every row attends), so they are read then,
         not at every step (on a GPU each read waits for the device)."""
         assert self._mask is not None
+        if not self._ready_masks:
+            return self._mask, self._enc_mask
         if self._ready_state is None:
-            encoder = None
-            if self._enc_mask is not None and not bool(self._enc_mask.all()):
-                encoder = self._enc_mask.bool()[:, None, None, :]
-            self._ready_state = (bool(self._mask.all()), encoder)
-        full, encoder = self._ready_state
-        return (None if full else self._mask.bool()[:, None, None, :]), encoder
+            encoder = None if self._enc_mask is None else _ready_mask(self._enc_mask)
+            self._ready_state = (not bool(self._mask.all()), encoder)
+        padded, encoder = self._ready_state
+        return _ready_mask(self._mask, padded), encoder
 
     def _drop(self, events: list[tuple[Sink, str, Any]]) -> None:
         """Remove finished and cancelled rows from the batch and trim the padding no row
@@ -1622,11 +1625,20 @@ def _plain_attention(config: Any) -> bool:
     return not alibi
 
 
+def _ready_mask(mask: torch.Tensor, padded: bool | None = None) -> torch.Tensor | None:
+    """A decoding query's 2D padding mask as the 4D one transformers builds from it under
+    SDPA (a one-token query attends every column its row has): its (rows, 1, 1, columns)
+    booleans, or None where no row has padding (``padded``: whether one has, when known)."""
+    if padded is None:
+        padded = not bool(mask.all())
+    return mask.bool()[:, None, None, :] if padded else None
+
+
 def _ready_mask_refusal(
     model: Any, cache_arg: str, device: torch.device, start: int | None = None
 ) -> str | None:
     """Why an SDPA model's decode steps may not be given their masks as
-    ``ContinuousBatchingEngine._ready`` builds them instead of the 2D padding masks, or None
+    ``ContinuousBatchingEngine._decode_masks`` builds them instead of the 2D padding masks, or None
     where they may (``start``: an encoder-decoder's decoder start token; None for a causal
     LM). Checked on the model, not assumed (a forward that reads a 4D mask otherwise, as
     transformers' older float-mask code did, or that uses a 2D mask for more than the
@@ -1641,9 +1653,6 @@ def _ready_mask_refusal(
     module = type(model).__module__
     if not module.startswith("transformers."):
         return f"{module} is not one of transformers' own models"
-
-    def ready(mask: torch.Tensor) -> torch.Tensor | None:
-        return None if bool(mask.all()) else mask.bool()[:, None, None, :]
 
     try:
         vocab = int(model.get_input_embeddings().num_embeddings)
@@ -1661,7 +1670,7 @@ def _ready_mask_refusal(
                     model(input_ids=ids, attention_mask=mask[:, :3],
                           position_ids=positions[:, :3], use_cache=True,
                           **{cache_arg: cache})  # fmt: skip
-                    for given in (mask, ready(mask)):
+                    for given in (mask, _ready_mask(mask)):
                         out = model(input_ids=step, attention_mask=given,
                                     position_ids=positions[:, 3:], use_cache=True,
                                     **{cache_arg: cache})  # fmt: skip
@@ -1675,7 +1684,8 @@ def _ready_mask_refusal(
                                   decoder_attention_mask=mask[:, :3], use_cache=True,
                                   **{cache_arg: cache})  # fmt: skip
                     encoded = BaseModelOutput(last_hidden_state=first.encoder_last_hidden_state)
-                    for decoder, encoder in ((mask, prompts), (ready(mask), ready(prompts))):
+                    ready = (_ready_mask(mask), _ready_mask(prompts))
+                    for decoder, encoder in ((mask, prompts), ready):
                         out = model(encoder_outputs=encoded, attention_mask=encoder,
                                     decoder_input_ids=step, decoder_attention_mask=decoder,
                                     use_cache=True, **{cache_arg: cache})  # fmt: skip

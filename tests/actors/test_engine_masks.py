@@ -9,7 +9,6 @@ keeps 2D masks."""
 from __future__ import annotations
 
 import inspect
-import time
 from typing import Any
 
 import pytest
@@ -17,8 +16,15 @@ import torch
 
 import actors.engine as engine_module
 from actors.engine import ContinuousBatchingEngine, _ready_mask_refusal
-from actors.generation import SamplingParams
-from tests.actors.test_engine import NEW, PROMPTS, Recorder, _gpt2, _llama, _seq2seq, reference
+from tests.actors.test_engine import (
+    NEW,
+    PROMPTS,
+    _gpt2,
+    _llama,
+    _seq2seq,
+    _staggered_joins,
+    reference,
+)
 
 
 def _watch_decode_masks(engine: ContinuousBatchingEngine) -> tuple[list[tuple[str, Any, Any]], Any]:
@@ -58,30 +64,15 @@ def _watch_decode_masks(engine: ContinuousBatchingEngine) -> tuple[list[tuple[st
 def _run_watched(
     model: Any, tok: Any, lengths: list[int]
 ) -> tuple[bool, list[tuple[str, Any, Any]]]:
-    """Greedy requests through a new engine, each submitted when the previous one streams its
-    first piece (rows of different widths join mid-decode; shorter budgets leave first), each
-    output checked against ``generate`` alone → (whether the engine took ready masks, every
-    decode step's (mask handed to the model, mask transformers builds))."""
+    """Greedy requests through a new engine, each joining a batch already running
+    (``_staggered_joins``: rows of different widths; shorter budgets leave first), each output
+    checked against ``generate`` alone → (whether the engine took ready masks, every decode
+    step's (side, mask handed to the model, mask transformers builds))."""
     engine = ContinuousBatchingEngine(model, tok)
     seen, handle = _watch_decode_masks(engine)
-    recorders: list[Recorder] = []
-
-    def chain(i: int) -> Any:
-        def submit() -> None:
-            rec = Recorder(on_first=chain(i + 1) if i + 1 < len(lengths) else None)
-            recorders.append(rec)
-            engine.submit(PROMPTS[i], SamplingParams(max_new_tokens=lengths[i]), None, rec)
-
-        return submit
-
     try:
-        chain(0)()
-        deadline = time.monotonic() + 120
-        while len(recorders) < len(lengths) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(recorders) == len(lengths), "not every request was submitted in time"
-        for i, rec in enumerate(recorders):
-            ids = rec.result().token_ids
+        for i, done in enumerate(_staggered_joins(engine, lengths)):
+            ids = done.token_ids
             assert ids == reference(model, tok, PROMPTS[i], lengths[i])[: len(ids)], PROMPTS[i]
     finally:
         handle.remove()
