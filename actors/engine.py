@@ -436,7 +436,11 @@ class ContinuousBatchingEngine:
         # own streaming decoder matches its ``decode`` (``_stream_decoder``): decoding every
         # sequence's whole text at every step costs O(length²) (at 2k tokens and 64 streams,
         # ~30 ms a step on the engine thread, as long as a GPU's decode step).
-        self._streaming = _stream_decoder(tokenizer)
+        # With byte fallback (SentencePiece's layout: Llama 2, Mistral, Gemma) a run of byte
+        # tokens decodes as one, so a later byte can turn characters already decoded into
+        # U+FFFD; such runs are decoded (and streamed) only once a token closes them.
+        self._run_ids = byte_run_ids(tokenizer)
+        self._streaming = _stream_decoder(tokenizer, self._run_ids)
         # A config that selects beam search gives every request that many rows (generate's
         # num_beams); 1 is greedy decoding or sampling.
         self._width = int(
@@ -1511,22 +1515,38 @@ class ContinuousBatchingEngine:
 
     def _text(self, seq: _Seq) -> str:
         """The sequence's text so far, while it runs: what ``_decoded`` gives, without a
-        character whose bytes have not all been generated yet. With a streaming decoder only
-        the new ids are decoded (tokenizers' ``DecodeStream``, which keeps the few ids before
+        character whose bytes have not all been generated yet, nor a run of byte tokens that
+        no other token has closed yet (``byte_run_ids``). With a streaming decoder only the
+        new ids are decoded (tokenizers' ``DecodeStream``, which keeps the few ids before
         them that a byte-level or metaspace decoder needs to place spaces and bytes)."""
+        closed = closed_ids(seq.ids, self._run_ids)
         if self._streaming is None:
-            seq.held = False  # ``_emit`` waits on a whole text that ends inside a character
+            # ``_emit`` waits on a whole text that ends inside a character
+            seq.held = closed < len(seq.ids)
+            if seq.held:
+                return self.tokenizer.decode(seq.ids[:closed], skip_special_tokens=True)
             return self._decoded(seq)
         if seq.stream is None:
             seq.stream = self._streaming(skip_special_tokens=True)
-        if seq.fed < len(seq.ids):
-            piece = seq.stream.step(self.tokenizer.backend_tokenizer, seq.ids[seq.fed :])
-            seq.fed = len(seq.ids)
-            # None: the new ids' text ends inside a character (or is empty), where the
-            # whole text would end with U+FFFD, on which ``_emit`` waits
-            seq.held = piece is None
+        piece = None
+        if seq.fed < closed:
+            try:
+                piece = seq.stream.step(self.tokenizer.backend_tokenizer, seq.ids[seq.fed : closed])
+            except Exception:  # tokenizers' "Invalid prefix": new ids changed earlier text
+                log.warning(
+                    "engine: %s's streaming decoder failed on a generated sequence; decoding "
+                    "whole texts from now on",
+                    type(self.tokenizer).__name__,
+                    exc_info=True,
+                )
+                self._streaming = None
+                return self._text(seq)
+            seq.fed = closed
             if piece:
                 seq.text += piece
+        # held: the text lags the ids, by an open run of bytes or because the new ids' text
+        # ends inside a character (None: where the whole text would end with U+FFFD)
+        seq.held = closed < len(seq.ids) or piece is None
         return seq.text
 
     def _emit(self, seq: _Seq, text: str, events: list[tuple[Sink, str, Any]]) -> None:
@@ -1575,12 +1595,38 @@ class ContinuousBatchingEngine:
         self.counters["finished"] += 1
 
 
-def _stream_decoder(tokenizer: Any) -> Any:
-    """tokenizers' ``DecodeStream`` class, where decoding ``tokenizer``'s ids one at a time
-    gives what its ``decode`` gives (minus a character whose bytes are not all there yet): a
-    fast tokenizer whose ``decode`` does nothing of its own on top (a clean-up of spaces, say).
-    Checked on a sample of mixed text and of every id, decoded both ways after each id. None
-    otherwise."""
+def byte_run_ids(tokenizer: Any) -> frozenset[int]:
+    """For a tokenizer with byte fallback (``<0xNN>`` tokens for what its vocabulary lacks),
+    the ids that do not end a run of bytes: the byte tokens, and the special tokens that
+    ``skip_special_tokens`` drops from between them. Empty for any other tokenizer.
+
+    Its decoder turns each run of byte tokens into text as a whole, and every byte of a run
+    that is not valid UTF-8 into U+FFFD, so one more byte can change characters decoded
+    before it; the text of a run is final once another token follows it."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(backend.model, "byte_fallback", False):
+        return frozenset()
+    vocab = backend.get_vocab()
+    ids = {vocab[t] for t in (f"<0x{b:02X}>" for b in range(256)) if t in vocab}
+    return frozenset(ids | set(getattr(tokenizer, "all_special_ids", None) or ()))
+
+
+def closed_ids(ids: Sequence[int], run_ids: frozenset[int]) -> int:
+    """How many of ``ids`` lie before an open run of bytes at their end (``byte_run_ids``):
+    the ids whose text no later id can change."""
+    end = len(ids)
+    if run_ids:
+        while end and ids[end - 1] in run_ids:
+            end -= 1
+    return end
+
+
+def _stream_decoder(tokenizer: Any, run_ids: frozenset[int] = frozenset()) -> Any:
+    """tokenizers' ``DecodeStream`` class, where decoding ``tokenizer``'s ids a few at a time
+    as the engine does (``closed_ids``: a run of bytes once it is closed) gives what its
+    ``decode`` gives (minus a character whose bytes are not all there yet): a fast tokenizer
+    whose ``decode`` does nothing of its own on top (a clean-up of spaces, say). Checked on a
+    sample of mixed text and of every id, decoded both ways after each id. None otherwise."""
     try:
         from tokenizers.decoders import DecodeStream
     except ImportError:  # tokenizers < 0.21
@@ -1594,9 +1640,12 @@ def _stream_decoder(tokenizer: Any) -> Any:
         ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
         whole = len(ids)
         ids += list(range(0, len(tokenizer), max(1, len(tokenizer) // 200)))
-        stream, text = DecodeStream(skip_special_tokens=True), ""
-        for n, token in enumerate(ids, 1):
-            text += stream.step(backend, token) or ""
+        stream, text, fed = DecodeStream(skip_special_tokens=True), "", 0
+        for n in range(1, len(ids) + 1):
+            closed = closed_ids(ids[:n], run_ids)
+            if closed > fed:
+                text += stream.step(backend, ids[fed:closed]) or ""
+                fed = closed
             decoded = tokenizer.decode(ids[:n], skip_special_tokens=True)
             # a prefix of the whole text, and all of it once the sample's characters are
             if not decoded.startswith(text) or (n == whole and decoded != text):

@@ -88,6 +88,39 @@ def bpe_tokenizer(
     return fast
 
 
+def byte_fallback_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400) -> Any:
+    """A ``PreTrainedTokenizerFast`` laid out as SentencePiece's byte-fallback BPE (Llama 2,
+    Mistral, Gemma): metaspace pieces trained on ``corpus``, and each byte as an ordinary
+    ``<0xNN>`` token for what the pieces lack (ids 3-258). ``<s>``, ``</s>``, ``<unk>``
+    (also the padding) are its special tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<unk>", "<s>", "</s>"]
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size - 256, 64), special_tokens=special, show_progress=False
+    )
+    trained.train_from_iterator([" ".join(corpus or CORPUS).replace(" ", "▁")] * 3, trainer)
+    pieces = sorted(trained.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [*special, *(f"<0x{b:02X}>" for b in range(256))]
+    tokens += [t for t, _ in pieces if t not in special]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(trained.to_str())["model"]["merges"]]  # fmt: skip
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    backend = Tokenizer(model)
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+    )
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence([*steps, decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>")  # fmt: skip
+
+
 def build_tiny(kind: str, directory: Path) -> Path:
     """Write a tiny ``kind`` model directory (config + tokenizer; weights are random)."""
     from transformers import AutoTokenizer, BertConfig, LlamaConfig, T5Config

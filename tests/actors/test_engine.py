@@ -8,6 +8,7 @@ needed), and the refusal of families the engine has no positions for."""
 
 from __future__ import annotations
 
+import random
 import re
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from actors.engine import ContinuousBatchingEngine, EngineLimits, EngineOverloaded, wait_result
-from actors.generation import Completion, SamplingParams
+from actors.generation import Completion, SamplingParams, stop_token_ids
 from tests.conftest import tiny_gpt2
 
 PROMPTS = [
@@ -256,6 +257,27 @@ def test_running_text_is_decoded_token_by_token_and_still_joins_to_the_whole():
             assert on_engine == 3, calls
 
 
+def _scripted(
+    model: Any, tok: Any, script: list[int], params: SamplingParams, streaming: bool
+) -> tuple[Completion, Recorder, bool]:
+    """One request on a fresh engine whose model "picks" the tokens of ``script`` in turn,
+    its text streamed by the tokenizer's streaming decoder (which its check must let through)
+    or decoded whole (``streaming=False``, the engine's path for tokenizers it cannot stream)
+    → (the completion, its recorder, whether the engine still streams at the end)."""
+    engine = ContinuousBatchingEngine(model, tok)
+    assert engine._streaming is not None
+    if not streaming:
+        engine._streaming = None
+    picks = iter(script)
+    engine._choose = lambda seqs, logits: [next(picks) for _ in seqs]
+    rec = Recorder()
+    try:
+        engine.submit("Hello", params, None, rec)
+        return rec.result(), rec, engine._streaming is not None
+    finally:
+        engine.close()
+
+
 def test_a_stop_string_in_a_held_back_piece_ends_the_request_where_whole_texts_would():
     """A token that ends inside a character is held back from the running text until the
     character is complete; a stop string in that piece still ends the request at that token
@@ -278,18 +300,8 @@ def test_a_stop_string_in_a_held_back_piece_ends_the_request_where_whole_texts_w
     for script, budget in cases:
         got = []
         for streaming in (True, False):
-            engine = ContinuousBatchingEngine(model, tok)
-            if not streaming:
-                engine._streaming = None
-            picks = iter(script)
-            engine._choose = lambda seqs, logits, picks=picks: [next(picks) for _ in seqs]
-            rec = Recorder()
-            try:
-                engine.submit("Hello", SamplingParams(max_new_tokens=budget, stop=("fox ",)),
-                              None, rec)  # fmt: skip
-                done = rec.result()
-            finally:
-                engine.close()
+            params = SamplingParams(max_new_tokens=budget, stop=("fox ",))
+            done, rec, _ = _scripted(model, tok, script, params, streaming)
             assert "".join(rec.pieces) == done.text and "fox " not in done.text
             got.append((done.text, done.finish_reason, done.completion_tokens, done.token_ids))
         assert got[0] == got[1], (script, got)
@@ -889,3 +901,82 @@ def test_a_model_without_adapters_never_imports_peft(monkeypatch):
         engine.close()
     assert done.completion_tokens > 0
     assert "peft" not in sys.modules
+
+
+def test_a_byte_fallback_tokenizer_streams_whole_characters_that_join_to_the_text(caplog):
+    """With a tokenizer that spells characters outside its vocabulary as byte tokens
+    (Llama 2, Mistral, Gemma), a character arrives over several steps: the engine's check of
+    the tokenizer lets its streaming decoder through, no piece carries half a character
+    (U+FFFD) where the whole text has none, and the pieces join to the completion's text,
+    its ids decoded whole, also where a later byte turns characters already complete into
+    U+FFFD; the same when it decodes whole texts. Tokens are scripted: characters of 2 to 4
+    bytes split across steps, 日 broken by a stray byte, then random ids (orphan and
+    truncated byte sequences included)."""
+    from actors.engine import _stream_decoder, byte_run_ids
+    from actors.tiny import byte_fallback_tokenizer
+
+    model, _ = _llama()
+    tok = byte_fallback_tokenizer([*PROMPTS, "The quick brown fox jumps over the lazy dog."])
+    assert len(tok) <= model.config.vocab_size
+    assert None not in tok.convert_ids_to_tokens(list(range(len(tok))))
+    assert _stream_decoder(tok, byte_run_ids(tok)) is not None
+    spelled = tok("Ünïcödé 日本語 🙂 fox", add_special_tokens=False)["input_ids"]
+    assert sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(spelled)) >= 10
+    assert tok.decode(spelled) == "Ünïcödé 日本語 🙂 fox"  # the bytes are text, not special
+    rng = random.Random(0)
+    stop = set(stop_token_ids(tok, model)) | set(tok.all_special_ids)
+    pool = [i for i in range(len(tok)) if i not in stop]
+    byte = {b: tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
+    # 日 in full, then a byte that makes its run invalid UTF-8: the whole run decodes as U+FFFD
+    broken = [*(byte[b] for b in "日".encode()), byte[0x80], *spelled[-2:]]
+    scripts = [spelled, broken, *([rng.choice(pool) for _ in range(30)] for _ in range(6))]
+    for script in scripts:
+        # the engine's streaming decoder, and its whole texts (a tokenizer it cannot stream)
+        for streaming in (True, False):
+            params = SamplingParams(max_new_tokens=len(script))
+            done, rec, still = _scripted(model, tok, script, params, streaming)
+            assert still == streaming, script  # never fell back to whole texts
+            assert done.token_ids == script
+            assert done.text == tok.decode(script, skip_special_tokens=True)
+            assert "".join(rec.pieces) == done.text, (streaming, script, rec.pieces)
+            if "\ufffd" not in done.text:
+                assert not any("\ufffd" in piece for piece in rec.pieces), rec.pieces
+            if script is spelled:  # streamed as it went, not handed over whole at the end
+                assert len(rec.pieces) > 3, rec.pieces
+    assert "decodes token by token differently" not in caplog.text
+
+
+def test_a_streaming_decoder_that_raises_mid_request_falls_back_to_whole_texts(caplog):
+    """If the tokenizer's streaming decoder raises on a generated sequence (tokenizers'
+    "Invalid prefix" when new ids change the text of earlier ones), that step and the batch go
+    on: the request's text is then decoded whole, its pieces still join to it, the engine says
+    so once and decodes whole texts from then on."""
+    from tokenizers.decoders import DecodeStream
+
+    class Failing:
+        """A streaming decoder that raises at its fifth step."""
+
+        def __init__(self, skip_special_tokens: bool) -> None:
+            self.stream, self.steps = DecodeStream(skip_special_tokens=skip_special_tokens), 0
+
+        def step(self, tokenizer: Any, ids: Any) -> str | None:
+            self.steps += 1
+            if self.steps == 5:
+                raise Exception("Invalid prefix encountered while decoding stream.")
+            return self.stream.step(tokenizer, ids)
+
+    model, tok = _llama()
+    engine = ContinuousBatchingEngine(model, tok)
+    engine._streaming = Failing
+    try:
+        recs = [Recorder() for _ in PROMPTS[:2]]
+        for prompt, rec in zip(PROMPTS[:2], recs, strict=True):
+            engine.submit(prompt, SamplingParams(max_new_tokens=NEW), None, rec)
+        for prompt, rec in zip(PROMPTS[:2], recs, strict=True):
+            done = rec.result()
+            want = tok.decode(reference(model, tok, prompt), skip_special_tokens=True)
+            assert done.text == want == "".join(rec.pieces)
+        assert engine._streaming is None
+        assert caplog.text.count("streaming decoder failed") == 1
+    finally:
+        engine.close()
