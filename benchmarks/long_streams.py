@@ -6,6 +6,7 @@ them from the 2D mask at every step, and how the engine keeps up with static bat
 
     python benchmarks/long_streams.py            # ~1.5 minutes on 2 cores
     python benchmarks/long_streams.py --smoke    # seconds; what CI runs
+    python benchmarks/long_streams.py --tokenizer byte-fallback   # a Llama-2-style tokenizer
 
 The model is the Serve benchmark's ``toy`` llama (2 layers, h=64, random weights), whose steps
 are cheap enough to show what the engine spends besides the model; one CPU thread, as a
@@ -18,10 +19,15 @@ ready-made ones, and does for models its start-up check refuses). The same 32 pr
 run through ``model.generate`` in two batches of 16. Reported per length: tokens a second of
 each (the best of ``--passes``) and the ratios.
 
+``--tokenizer byte-fallback`` swaps the toy's byte-level BPE for a tokenizer laid out as
+Llama 2's, Mistral's and Gemma's (``actors.tiny.byte_fallback_tokenizer``: bytes as
+``<0xNN>`` tokens, whose runs the engine streams once they are closed) and the model's
+vocabulary for its own (random weights, seed 0).
+
 The engine runs must produce the same tokens, and the first two the same texts, each text its
 ids decoded whole and the streamed pieces joined; any difference makes the script exit 1.
 Writes
-benchmarks/results/long_streams[-smoke].json.
+benchmarks/results/long_streams[-byte-fallback][-smoke].json.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.engine import ContinuousBatchingEngine, EngineLimits
 from actors.generation import Completion
+from actors.tiny import byte_fallback_tokenizer
 from benchmarks.prefill import run_burst
 from benchmarks.serve_bench.generator import build_tiny_lm
 from benchmarks.serve_bench.workload import REVIEWS
@@ -93,25 +100,44 @@ def run_generate(model: Any, tok: Any, texts: list[str], tokens: int) -> float:
     return generated / (time.perf_counter() - start)
 
 
+def toy(directory: Path, tokenizer: str) -> tuple[Any, Any]:
+    """The toy llama and its tokenizer; for ``byte-fallback`` a Llama-2-style tokenizer and
+    the same model built for its vocabulary (random weights, seed 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = build_tiny_lm(directory, "toy")
+    if tokenizer == "byte-level":
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        return model, AutoTokenizer.from_pretrained(path)
+    tok = byte_fallback_tokenizer()
+    config = AutoConfig.from_pretrained(path)
+    config.update({"vocab_size": len(tok), "bos_token_id": tok.bos_token_id,
+                   "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id})  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
 def main() -> None:
     """The command line: every length, the table, the JSON, the equality check."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="short lengths, one pass; seconds")
     parser.add_argument("--passes", type=int, default=3, help="measurements per cell (best)")
+    parser.add_argument(
+        "--tokenizer",
+        choices=("byte-level", "byte-fallback"),
+        default="byte-level",
+        help="the toy's byte-level BPE, or a Llama-2-style one with byte fallback",
+    )
     args = parser.parse_args()
     lengths = (16, 48) if args.smoke else (64, 256, 512)
     passes = 1 if args.smoke else args.passes
     count = 2 * WIDTH
     torch.set_num_threads(1)  # as a generator replica with num_cpus < 2 runs
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_lm(Path(tmp) / "lm", "toy")
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
-        tok = AutoTokenizer.from_pretrained(path)
+        model, tok = toy(Path(tmp) / "lm", args.tokenizer)
     texts = prompts(count)
-    print(f"long_streams: toy llama, {count} greedy requests, {WIDTH} running, 1 thread, "
-          f"best of {passes}")  # fmt: skip
+    print(f"long_streams: toy llama, {args.tokenizer} tokenizer, {count} greedy requests, "
+          f"{WIDTH} running, 1 thread, best of {passes}")  # fmt: skip
     print(f"{'tokens':>7} {'engine tok/s':>13} {'whole-decode':>13} {'2D masks':>9} "
           f"{'generate':>9} {'engine/whole':>13} {'engine/2D':>10} "
           f"{'engine/generate':>16}")  # fmt: skip
@@ -149,6 +175,7 @@ def main() -> None:
           f"masks, or whose streamed pieces do not join to their text: {differing}")  # fmt: skip
     report = {
         "model": "tiny:llama's config, random weights (seed 0)",
+        "tokenizer": args.tokenizer,
         "requests": count,
         "running": WIDTH,
         "torch_threads": 1,
@@ -158,7 +185,8 @@ def main() -> None:
         "smoke": args.smoke,
     }
     RESULTS.mkdir(exist_ok=True)
-    out_path = RESULTS / f"long_streams{'-smoke' if args.smoke else ''}.json"
+    variant = "-byte-fallback" if args.tokenizer == "byte-fallback" else ""
+    out_path = RESULTS / f"long_streams{variant}{'-smoke' if args.smoke else ''}.json"
     out_path.write_text(json.dumps(report, indent=2))
     print(f"wrote {out_path}")
     if differing:
