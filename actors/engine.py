@@ -439,8 +439,8 @@ class ContinuousBatchingEngine:
         # With byte fallback (SentencePiece's layout: Llama 2, Mistral, Gemma) a run of byte
         # tokens decodes as one, so a later byte can turn characters already decoded into
         # U+FFFD; such runs are decoded (and streamed) only once a token closes them.
-        self._run_ids = byte_run_ids(tokenizer)
-        self._streaming = _stream_decoder(tokenizer, self._run_ids)
+        self._byte_runs = byte_runs(tokenizer)
+        self._streaming = _stream_decoder(tokenizer, self._byte_runs)
         # A config that selects beam search gives every request that many rows (generate's
         # num_beams); 1 is greedy decoding or sampling.
         self._width = int(
@@ -1516,16 +1516,15 @@ class ContinuousBatchingEngine:
     def _text(self, seq: _Seq) -> str:
         """The sequence's text so far, while it runs: what ``_decoded`` gives, without a
         character whose bytes have not all been generated yet, nor a run of byte tokens that
-        no other token has closed yet (``byte_run_ids``). With a streaming decoder only the
+        no other token has closed yet (``byte_runs``). With a streaming decoder only the
         new ids are decoded (tokenizers' ``DecodeStream``, which keeps the few ids before
         them that a byte-level or metaspace decoder needs to place spaces and bytes)."""
-        closed = closed_ids(seq.ids, self._run_ids)
+        closed = closed_ids(seq.ids, self._byte_runs)
         if self._streaming is None:
             # ``_emit`` waits on a whole text that ends inside a character
             seq.held = closed < len(seq.ids)
-            if seq.held:
-                return self.tokenizer.decode(seq.ids[:closed], skip_special_tokens=True)
-            return self._decoded(seq)
+            # a held sequence's text is not read (the stop check decodes it whole)
+            return "" if seq.held else self._decoded(seq)
         if seq.stream is None:
             seq.stream = self._streaming(skip_special_tokens=True)
         piece = None
@@ -1595,33 +1594,57 @@ class ContinuousBatchingEngine:
         self.counters["finished"] += 1
 
 
-def byte_run_ids(tokenizer: Any) -> frozenset[int]:
-    """For a tokenizer with byte fallback (``<0xNN>`` tokens for what its vocabulary lacks),
-    the ids that do not end a run of bytes: the byte tokens, and the special tokens that
-    ``skip_special_tokens`` drops from between them. Empty for any other tokenizer.
+@dataclasses.dataclass(frozen=True)
+class ByteRuns:
+    """A byte-fallback tokenizer's ids that do not end a run of bytes (``byte_runs``): its
+    byte tokens, the special tokens ``skip_special_tokens`` drops from between them, and any
+    id from ``limit`` on (beyond the tokenizer, which ``decode`` drops too: a model's
+    embedding matrix may be larger than its tokenizer)."""
+
+    ids: frozenset[int]
+    limit: int
+
+    def closed(self, ids: Sequence[int]) -> int:
+        """How many of ``ids`` lie before an open run of bytes at their end: the ids whose
+        text no later id can change."""
+        end = len(ids)
+        while end and (ids[end - 1] in self.ids or ids[end - 1] >= self.limit):
+            end -= 1
+        return end
+
+
+def byte_runs(tokenizer: Any) -> ByteRuns | None:
+    """For a tokenizer with byte fallback (``<0xNN>`` tokens for what its vocabulary lacks:
+    SentencePiece's BPE and Unigram layouts), which ids extend a run of bytes; None for any
+    other tokenizer.
 
     Its decoder turns each run of byte tokens into text as a whole, and every byte of a run
     that is not valid UTF-8 into U+FFFD, so one more byte can change characters decoded
     before it; the text of a run is final once another token follows it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not getattr(backend.model, "byte_fallback", False):
-        return frozenset()
+    if backend is None:
+        return None
+    # the decoder step that does it (tokenizers' Unigram does not expose its model's flag)
+    if not getattr(backend.model, "byte_fallback", False) and "ByteFallback" not in repr(
+        backend.decoder
+    ):
+        return None
     vocab = backend.get_vocab()
     ids = {vocab[t] for t in (f"<0x{b:02X}>" for b in range(256)) if t in vocab}
-    return frozenset(ids | set(getattr(tokenizer, "all_special_ids", None) or ()))
+    ids |= set(getattr(tokenizer, "all_special_ids", None) or ())
+    # special added tokens the config does not name (chat and tool-call markers, say)
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids |= {i for i, token in added.items() if getattr(token, "special", False)}
+    return ByteRuns(frozenset(ids), backend.get_vocab_size(with_added_tokens=True))
 
 
-def closed_ids(ids: Sequence[int], run_ids: frozenset[int]) -> int:
-    """How many of ``ids`` lie before an open run of bytes at their end (``byte_run_ids``):
-    the ids whose text no later id can change."""
-    end = len(ids)
-    if run_ids:
-        while end and ids[end - 1] in run_ids:
-            end -= 1
-    return end
+def closed_ids(ids: Sequence[int], runs: ByteRuns | None) -> int:
+    """How many of ``ids`` lie before an open run of bytes at their end (all of them unless
+    the tokenizer has byte fallback, ``byte_runs``)."""
+    return len(ids) if runs is None else runs.closed(ids)
 
 
-def _stream_decoder(tokenizer: Any, run_ids: frozenset[int] = frozenset()) -> Any:
+def _stream_decoder(tokenizer: Any, runs: ByteRuns | None = None) -> Any:
     """tokenizers' ``DecodeStream`` class, where decoding ``tokenizer``'s ids a few at a time
     as the engine does (``closed_ids``: a run of bytes once it is closed) gives what its
     ``decode`` gives (minus a character whose bytes are not all there yet): a fast tokenizer
@@ -1642,7 +1665,7 @@ def _stream_decoder(tokenizer: Any, run_ids: frozenset[int] = frozenset()) -> An
         ids += list(range(0, len(tokenizer), max(1, len(tokenizer) // 200)))
         stream, text, fed = DecodeStream(skip_special_tokens=True), "", 0
         for n in range(1, len(ids) + 1):
-            closed = closed_ids(ids[:n], run_ids)
+            closed = closed_ids(ids[:n], runs)
             if closed > fed:
                 text += stream.step(backend, ids[fed:closed]) or ""
                 fed = closed

@@ -88,11 +88,15 @@ def bpe_tokenizer(
     return fast
 
 
-def byte_fallback_tokenizer(corpus: list[str] | None = None, vocab_size: int = 400) -> Any:
+def byte_fallback_tokenizer(
+    corpus: list[str] | None = None, vocab_size: int = 400, model: str = "bpe"
+) -> Any:
     """A ``PreTrainedTokenizerFast`` laid out as SentencePiece's byte-fallback BPE (Llama 2,
     Mistral, Gemma): metaspace pieces trained on ``corpus``, and each byte as an ordinary
     ``<0xNN>`` token for what the pieces lack (ids 3-258). ``<s>``, ``</s>``, ``<unk>``
-    (also the padding) are its special tokens."""
+    (also the padding) are its special tokens. ``model``: ``bpe`` (Llama 2, Mistral, Gemma)
+    or ``unigram`` (the same pieces, scored by length, as SentencePiece's Unigram models with
+    byte fallback)."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, normalizers, trainers
@@ -109,9 +113,13 @@ def byte_fallback_tokenizer(corpus: list[str] | None = None, vocab_size: int = 4
     tokens += [t for t, _ in pieces if t not in special]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
               for m in json.loads(trained.to_str())["model"]["merges"]]  # fmt: skip
-    vocab = {t: i for i, t in enumerate(tokens)}
-    model = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
-    backend = Tokenizer(model)
+    if model == "unigram":
+        scored = [(t, -float(len(t)) if i >= 259 else 0.0) for i, t in enumerate(tokens)]
+        backend = Tokenizer(models.Unigram(scored, 0, byte_fallback=True))
+    else:
+        vocab = {t: i for i, t in enumerate(tokens)}
+        bpe = models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+        backend = Tokenizer(bpe)
     backend.normalizer = normalizers.Sequence(
         [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
     )

@@ -903,23 +903,31 @@ def test_a_model_without_adapters_never_imports_peft(monkeypatch):
     assert "peft" not in sys.modules
 
 
-def test_a_byte_fallback_tokenizer_streams_whole_characters_that_join_to_the_text(caplog):
+@pytest.mark.parametrize("kind", ["bpe", "unigram"])
+def test_a_byte_fallback_tokenizer_streams_whole_characters_that_join_to_the_text(kind, caplog):
     """With a tokenizer that spells characters outside its vocabulary as byte tokens
-    (Llama 2, Mistral, Gemma), a character arrives over several steps: the engine's check of
-    the tokenizer lets its streaming decoder through, no piece carries half a character
-    (U+FFFD) where the whole text has none, and the pieces join to the completion's text,
-    its ids decoded whole, also where a later byte turns characters already complete into
-    U+FFFD; the same when it decodes whole texts. Tokens are scripted: characters of 2 to 4
-    bytes split across steps, 日 broken by a stray byte, then random ids (orphan and
-    truncated byte sequences included)."""
-    from actors.engine import _stream_decoder, byte_run_ids
+    (SentencePiece's BPE and Unigram layouts: Llama 2, Mistral, Gemma), a character arrives
+    over several steps: the engine's check of the tokenizer lets its streaming decoder
+    through, no piece carries half a character (U+FFFD) where the whole text has none, and
+    the pieces join to the completion's text, its ids decoded whole, also where a later byte
+    turns characters already complete into U+FFFD, and where an id that ``decode`` drops (a
+    special token the config does not name, an id beyond the tokenizer) joins two runs; the
+    same when it decodes whole texts. Tokens are scripted: characters of 2 to 4 bytes split
+    across steps, 日 broken by a stray byte, runs split by dropped ids, then random ids
+    (orphan and truncated byte sequences included)."""
+    from tokenizers import AddedToken
+
+    from actors.engine import _stream_decoder, byte_runs
     from actors.tiny import byte_fallback_tokenizer
 
     model, _ = _llama()
-    tok = byte_fallback_tokenizer([*PROMPTS, "The quick brown fox jumps over the lazy dog."])
-    assert len(tok) <= model.config.vocab_size
+    tok = byte_fallback_tokenizer([*PROMPTS, "The quick brown fox jumps over the lazy dog."],
+                                  model=kind)  # fmt: skip
+    tok.add_tokens([AddedToken("<|tool|>", special=True)])  # special, not named in the config
+    tool, beyond = tok.convert_tokens_to_ids("<|tool|>"), len(tok) + 5
+    assert tool not in tok.all_special_ids and beyond < model.config.vocab_size
     assert None not in tok.convert_ids_to_tokens(list(range(len(tok))))
-    assert _stream_decoder(tok, byte_run_ids(tok)) is not None
+    assert _stream_decoder(tok, byte_runs(tok)) is not None
     spelled = tok("Ünïcödé 日本語 🙂 fox", add_special_tokens=False)["input_ids"]
     assert sum(t.startswith("<0x") for t in tok.convert_ids_to_tokens(spelled)) >= 10
     assert tok.decode(spelled) == "Ünïcödé 日本語 🙂 fox"  # the bytes are text, not special
@@ -927,9 +935,15 @@ def test_a_byte_fallback_tokenizer_streams_whole_characters_that_join_to_the_tex
     stop = set(stop_token_ids(tok, model)) | set(tok.all_special_ids)
     pool = [i for i in range(len(tok)) if i not in stop]
     byte = {b: tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)}
-    # 日 in full, then a byte that makes its run invalid UTF-8: the whole run decodes as U+FFFD
-    broken = [*(byte[b] for b in "日".encode()), byte[0x80], *spelled[-2:]]
-    scripts = [spelled, broken, *([rng.choice(pool) for _ in range(30)] for _ in range(6))]
+    ri = [byte[b] for b in "日".encode()]
+    fox = spelled[-2:]
+    scripts = [
+        spelled,
+        [*ri, byte[0x80], *fox],  # 日, then a byte that makes its run invalid UTF-8
+        *([*ri, dropped, byte[0x80], *fox] for dropped in (tool, beyond)),  # runs joined
+        *([ri[0], dropped, *ri[1:], *fox] for dropped in (tool, beyond)),  # 日 split
+        *([rng.choice([*pool, tool, beyond]) for _ in range(30)] for _ in range(6)),
+    ]
     for script in scripts:
         # the engine's streaming decoder, and its whole texts (a tokenizer it cannot stream)
         for streaming in (True, False):
