@@ -70,6 +70,7 @@ import asyncio
 import copy
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -217,6 +218,29 @@ def generator_app(
         serve.shutdown()  # Ray itself stays up for the next section; main() shuts it down
 
 
+class EngineStats:
+    """Reads the generator replica's engine counters (one replica is deployed) on an event
+    loop of its own. Each measured cell runs in a new ``asyncio.run`` loop, and under Ray's
+    ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` a handle's router runs on the loop it was first
+    used from, which the next cell's ``asyncio.run`` would find closed."""
+
+    def __init__(self, app: str) -> None:
+        self.app, self.handle = app, None
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    async def _read(self) -> dict[str, Any]:
+        from ray import serve
+
+        if self.handle is None:
+            self.handle = serve.get_deployment_handle("generator-writer", app_name=self.app)
+        return (await self.handle.stats.remote())["engine"]
+
+    async def __call__(self) -> dict[str, Any]:
+        future = asyncio.run_coroutine_threadsafe(self._read(), self.loop)
+        return await asyncio.wrap_future(future)
+
+
 async def _usage_check(
     url: str, reference: dict[tuple[str, str, int], dict[str, Any]], max_tokens: int
 ) -> dict[str, Any]:
@@ -269,13 +293,7 @@ def measure_generation(smoke: bool, max_tokens: int, size: str = "toy") -> dict[
     mixed = mixed_jobs(max_tokens)
     app = app_name()
 
-    async def engine_stats() -> dict[str, Any]:
-        """The generator replica's engine counters (one replica is deployed)."""
-        from ray import serve
-
-        handle = serve.get_deployment_handle("generator-writer", app_name=app)
-        return (await handle.stats.remote())["engine"]
-
+    engine_stats = EngineStats(app)
     with tempfile.TemporaryDirectory(prefix="serve-throughput-gen-") as tmp_name:
         tmp = Path(tmp_name)
         t0 = time.perf_counter()
