@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import subprocess
 import time
@@ -213,17 +214,42 @@ def drain(grace_s: float, progress: Any = print, poll_s: float = 0.5) -> int:
         app = serve.status().applications.get(APP_NAME)
         states = app.deployments["Ingress"].replica_states if app else {}
         replicas = max(1, int(states.get("RUNNING", 0)))
-        handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+        if app is None:
+            raise KeyError(APP_NAME)
     except Exception as err:  # no app to drain (it failed, or never deployed)
         progress(f"[taskray] nothing to drain ({type(err).__name__})")
         return 0
+    # One event loop for every handle call: under Ray's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a
+    # handle's router runs on the loop it is first called from, and a call from plain code
+    # raises (which the retries below would swallow, leaving the streams to Serve's shutdown).
+    return asyncio.run(_drain(replicas, grace_s, progress, poll_s))
+
+
+async def _drain(replicas: int, grace_s: float, progress: Any, poll_s: float) -> int:
+    """``drain``'s calls to the ingress replicas, on one event loop, through a handle of
+    its own that is shut down on that loop: ``serve.get_deployment_handle`` would keep it
+    in Serve's cache, whose shutdown would then find its loop closed."""
+    from ray.serve.handle import DeploymentHandle
+
+    handle = DeploymentHandle("Ingress", APP_NAME)
+    try:
+        return await _drain_with(handle, replicas, grace_s, progress, poll_s)
+    finally:
+        await handle.shutdown_async()
+
+
+async def _drain_with(
+    handle: Any, replicas: int, grace_s: float, progress: Any, poll_s: float
+) -> int:
     deadline = time.monotonic() + grace_s
     seen: dict[str, int] = {}
     tries = 0
     while len(seen) < replicas and tries < 8 * replicas and time.monotonic() < deadline:
         tries += 1
         try:
-            answer = handle.drain.remote().result(timeout_s=max(0.5, deadline - time.monotonic()))
+            answer = await asyncio.wait_for(
+                handle.drain.remote(), timeout=max(0.5, deadline - time.monotonic())
+            )
         except Exception:
             continue  # a replica going away; the deadline bounds this
         seen[answer["replica"]] = answer["in_flight"]
@@ -232,10 +258,10 @@ def drain(grace_s: float, progress: Any = print, poll_s: float = 0.5) -> int:
         f"to {grace_s:.0f}s"
     )
     while sum(seen.values()) and time.monotonic() < deadline:
-        time.sleep(poll_s)
+        await asyncio.sleep(poll_s)
         for _ in range(len(seen) if len(seen) == replicas else 2 * replicas):
             try:
-                answer = handle.in_flight.remote().result(timeout_s=5)
+                answer = await asyncio.wait_for(handle.in_flight.remote(), timeout=5)
             except Exception:
                 continue
             seen[answer["replica"]] = answer["in_flight"]

@@ -415,3 +415,34 @@ def test_requests_batched_with_a_failing_prompt_still_succeed(url):
     if max(grown) == 1:
         pytest.skip(f"the four requests did not share a batch: {grown}")
     assert codes == [200] * 3
+
+
+# ----- last: drains the app ------------------------------------------------------------------
+@pytest.mark.ray
+def test_drain_reaches_the_ingress_when_handles_route_on_the_callers_loop(url, monkeypatch):
+    """Under Ray's ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` a handle's router runs on the event
+    loop it is first called from, and a handle called from plain code raises. ``taskray
+    serve`` drains (on SIGTERM, before Serve's shutdown cuts the streams) through a handle,
+    from plain code: it must still reach the ingress, whose routes then answer 503, not
+    swallow the error and report nothing in flight. The mode is set for the handles of this
+    process only, as it would be in ``taskray serve``'s; Serve's shutdown after it (this
+    module's teardown) must not fail on the loop drain used. Last in this module: the app
+    stays draining."""
+    from ray.serve._private import handle_options
+    from ray.serve.handle import DeploymentHandle
+
+    from cluster import serving
+
+    create = handle_options.InitHandleOptions.create.__func__
+
+    def on_callers_loop(cls: Any, **kwargs: Any) -> Any:
+        kwargs = {k: v for k, v in kwargs.items() if k != "_run_router_in_separate_loop"}
+        return create(cls, _run_router_in_separate_loop=False, **kwargs)
+
+    monkeypatch.setattr(handle_options.InitHandleOptions, "create", classmethod(on_callers_loop))
+    with pytest.raises(RuntimeError, match="event loop"):  # the mode is on for new handles
+        DeploymentHandle("Ingress", APP).in_flight.remote().result()
+    assert complete(url, "Hello").status_code == 200
+    assert serving.drain(grace_s=10, progress=lambda *_: None) == 0
+    response = complete(url, "Hello")
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
