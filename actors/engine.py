@@ -153,6 +153,7 @@ class _Seq:
     stream: Any = None
     fed: int = 0
     held: bool = False
+    whole: bool = False  # decoded whole at every step: its streaming decoder failed on it
     cancelled: bool = False
     done: bool = False
     submitted: float = field(default_factory=time.perf_counter)
@@ -1520,7 +1521,7 @@ class ContinuousBatchingEngine:
         new ids are decoded (tokenizers' ``DecodeStream``, which keeps the few ids before
         them that a byte-level or metaspace decoder needs to place spaces and bytes)."""
         closed = closed_ids(seq.ids, self._byte_runs)
-        if self._streaming is None:
+        if self._streaming is None or seq.whole:
             # ``_emit`` waits on a whole text that ends inside a character
             seq.held = closed < len(seq.ids)
             # a held sequence's text is not read (the stop check decodes it whole)
@@ -1532,13 +1533,16 @@ class ContinuousBatchingEngine:
             try:
                 piece = seq.stream.step(self.tokenizer.backend_tokenizer, seq.ids[seq.fed : closed])
             except Exception:  # tokenizers' "Invalid prefix": new ids changed earlier text
+                # Something in this sequence's ids, not the tokenizer as a whole (which the
+                # start-up check passed): only this sequence is decoded whole from now on.
                 log.warning(
                     "engine: %s's streaming decoder failed on a generated sequence; decoding "
-                    "whole texts from now on",
+                    "its whole text from now on",
                     type(self.tokenizer).__name__,
                     exc_info=True,
                 )
-                self._streaming = None
+                self.counters["stream_fallbacks"] += 1
+                seq.whole = True
                 return self._text(seq)
             seq.fed = closed
             if piece:
@@ -1570,7 +1574,12 @@ class ContinuousBatchingEngine:
     def _finish(
         self, seq: _Seq, reason: str, text: str, events: list[tuple[Sink, str, Any]]
     ) -> None:
-        if self._streaming and seq.sent and text[: seq.sent] != seq.text[: seq.sent]:
+        if (
+            self._streaming
+            and not seq.whole
+            and seq.sent
+            and text[: seq.sent] != seq.text[: seq.sent]
+        ):
             # What was streamed is not how the whole text decodes: this tokenizer's streaming
             # decoder does not match its decode. Later sequences decode whole texts.
             log.warning(

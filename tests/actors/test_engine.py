@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -263,7 +263,8 @@ def _scripted(
     """One request on a fresh engine whose model "picks" the tokens of ``script`` in turn,
     its text streamed by the tokenizer's streaming decoder (which its check must let through)
     or decoded whole (``streaming=False``, the engine's path for tokenizers it cannot stream)
-    → (the completion, its recorder, whether the engine still streams at the end)."""
+    → (the completion, its recorder, whether it streamed to the end, falling back for
+    neither the tokenizer nor this request)."""
     engine = ContinuousBatchingEngine(model, tok)
     assert engine._streaming is not None
     if not streaming:
@@ -273,7 +274,8 @@ def _scripted(
     rec = Recorder()
     try:
         engine.submit("Hello", params, None, rec)
-        return rec.result(), rec, engine._streaming is not None
+        done = rec.result()
+        return done, rec, engine._streaming is not None and not engine.counters["stream_fallbacks"]
     finally:
         engine.close()
 
@@ -960,22 +962,29 @@ def test_a_byte_fallback_tokenizer_streams_whole_characters_that_join_to_the_tex
     assert "decodes token by token differently" not in caplog.text
 
 
-def test_a_streaming_decoder_that_raises_mid_request_falls_back_to_whole_texts(caplog):
+def test_a_streaming_decoder_that_raises_on_a_request_falls_back_for_that_request(caplog):
     """If the tokenizer's streaming decoder raises on a generated sequence (tokenizers'
     "Invalid prefix" when new ids change the text of earlier ones), that step and the batch go
-    on: the request's text is then decoded whole, its pieces still join to it, the engine says
-    so once and decodes whole texts from then on."""
+    on: that request's text is decoded whole from then on, its pieces still join to it, and
+    the engine says so; the request beside it and later ones keep streaming token by token
+    (a long-running replica does not fall back to O(length²) decoding for good)."""
     from tokenizers.decoders import DecodeStream
 
     class Failing:
-        """A streaming decoder that raises at its fifth step."""
+        """A streaming decoder; the first one made raises at its fifth step."""
+
+        made = 0
+        steps: ClassVar[list[int]] = []
 
         def __init__(self, skip_special_tokens: bool) -> None:
-            self.stream, self.steps = DecodeStream(skip_special_tokens=skip_special_tokens), 0
+            self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+            self.index = Failing.made
+            Failing.made += 1
+            Failing.steps.append(0)
 
         def step(self, tokenizer: Any, ids: Any) -> str | None:
-            self.steps += 1
-            if self.steps == 5:
+            Failing.steps[self.index] += 1
+            if self.index == 0 and Failing.steps[0] == 5:
                 raise Exception("Invalid prefix encountered while decoding stream.")
             return self.stream.step(tokenizer, ids)
 
@@ -983,14 +992,20 @@ def test_a_streaming_decoder_that_raises_mid_request_falls_back_to_whole_texts(c
     engine = ContinuousBatchingEngine(model, tok)
     engine._streaming = Failing
     try:
-        recs = [Recorder() for _ in PROMPTS[:2]]
-        for prompt, rec in zip(PROMPTS[:2], recs, strict=True):
+        recs = [Recorder() for _ in PROMPTS[:3]]
+        for prompt, rec in zip(PROMPTS[:2], recs[:2], strict=True):  # two together
             engine.submit(prompt, SamplingParams(max_new_tokens=NEW), None, rec)
-        for prompt, rec in zip(PROMPTS[:2], recs, strict=True):
+        recs[0].result()
+        engine.submit(PROMPTS[2], SamplingParams(max_new_tokens=NEW), None, recs[2])  # later
+        for prompt, rec in zip(PROMPTS[:3], recs, strict=True):
             done = rec.result()
             want = tok.decode(reference(model, tok, prompt), skip_special_tokens=True)
             assert done.text == want == "".join(rec.pieces)
-        assert engine._streaming is None
+            assert done.completion_tokens > 5
+        assert engine._streaming is Failing and Failing.made == 3
+        # the failed request's decoder was not stepped again; the others ran to their ends
+        assert Failing.steps[0] == 5 and min(Failing.steps[1:]) > 5, Failing.steps
         assert caplog.text.count("streaming decoder failed") == 1
+        assert engine.stats()["stream_fallbacks"] == 1
     finally:
         engine.close()
