@@ -162,9 +162,9 @@ def main() -> None:
         best = {"engine": 0.0, "whole_decode": 0.0, "masks_2d": 0.0, "generate": 0.0}
         for _ in range(passes):
             rate, streamed, joined = run_engine(model, tok, texts, tokens)
-            for c in streamed:
-                generated += len(c.token_ids)
-                byte_tokens += sum(runs is not None and t in runs.ids for t in c.token_ids)
+            if runs is not None:
+                generated += sum(len(c.token_ids) for c in streamed)
+                byte_tokens += sum(t in runs.ids for c in streamed for t in c.token_ids)
             best["engine"] = max(best["engine"], rate)
             rate, whole, _ = run_engine(model, tok, texts, tokens, whole=True)
             best["whole_decode"] = max(best["whole_decode"], rate)
@@ -205,7 +205,7 @@ def main() -> None:
     variant = "-byte-fallback" if args.tokenizer == "byte-fallback" else ""
     out_path = RESULTS / f"long_streams{variant}{'-smoke' if args.smoke else ''}.json"
     out_path.write_text(json.dumps(report, indent=2))
-    if runs is not None and generated:
+    if generated:
         print(f"byte tokens: {byte_tokens / generated:.1%} of the engine's output")
     print(f"wrote {out_path}")
     if differing:

@@ -211,11 +211,8 @@ def drain(grace_s: float, progress: Any = print, poll_s: float = 0.5) -> int:
     from ray import serve
 
     try:
-        app = serve.status().applications.get(APP_NAME)
-        states = app.deployments["Ingress"].replica_states if app else {}
-        replicas = max(1, int(states.get("RUNNING", 0)))
-        if app is None:
-            raise KeyError(APP_NAME)
+        app = serve.status().applications[APP_NAME]
+        replicas = max(1, int(app.deployments["Ingress"].replica_states.get("RUNNING", 0)))
     except Exception as err:  # no app to drain (it failed, or never deployed)
         progress(f"[taskray] nothing to drain ({type(err).__name__})")
         return 0
@@ -233,14 +230,16 @@ async def _drain(replicas: int, grace_s: float, progress: Any, poll_s: float) ->
 
     handle = DeploymentHandle("Ingress", APP_NAME)
     try:
-        return await _drain_with(handle, replicas, grace_s, progress, poll_s)
+        return await _wait_for_in_flight(handle, replicas, grace_s, progress, poll_s)
     finally:
         await handle.shutdown_async()
 
 
-async def _drain_with(
+async def _wait_for_in_flight(
     handle: Any, replicas: int, grace_s: float, progress: Any, poll_s: float
 ) -> int:
+    """Ask every ingress replica to drain, then poll their requests in flight until none is
+    left or ``grace_s`` has passed; how many were left."""
     deadline = time.monotonic() + grace_s
     seen: dict[str, int] = {}
     tries = 0
